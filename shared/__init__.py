@@ -1,0 +1,1 @@
+"""AutoResearch-RL's own shared package: event schemas, bus code, and the frozen research environment."""
