@@ -19,8 +19,9 @@ import shutil
 import sys
 import sysconfig
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -142,11 +143,11 @@ def _parquet_corpus(folder: Path, shards: list[Path]) -> Corpus:
 class _Replayable:
     """An iterable that can be walked more than once (BPE training, then encoding)."""
 
-    def __init__(self, make: object):
+    def __init__(self, make: Callable[[], Iterator[Document]]):
         self.make = make
 
     def __iter__(self) -> Iterator[Document]:
-        return self.make()  # type: ignore[operator]
+        return self.make()
 
 
 def _read_text(path: Path) -> str | None:
@@ -205,10 +206,14 @@ def prepare(corpus_spec: str, tokenizer_spec: str, root: Path | None = None, qui
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     started = time.monotonic()
-    train_texts = _capped(doc.text for doc in corpus.documents if not is_val(doc.name))
-    tokenizer = train_tokenizer(tokenizer_spec, train_texts)
-    tokenizer.save(staging)
-    stats = _encode_corpus(corpus, tokenizer, staging, quiet)
+    try:
+        train_texts = _capped(doc.text for doc in corpus.documents if not is_val(doc.name))
+        tokenizer = train_tokenizer(tokenizer_spec, train_texts)
+        tokenizer.save(staging)
+        stats = _encode_corpus(corpus, tokenizer, staging, quiet)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     manifest = {
         "corpus": corpus.spec,
         "tokenizer_spec": tokenizer_spec,
@@ -246,24 +251,27 @@ def _encode_corpus(corpus: Corpus, tokenizer: Tokenizer, folder: Path, quiet: bo
     dtype = _dtype_for(tokenizer.vocab_size)
     corpus_hash = hashlib.sha256()
     counts = {"train_docs": 0, "val_docs": 0, "train_tokens": 0, "val_tokens": 0, "train_bytes": 0, "val_bytes": 0}
-    files = {split: open(folder / f"{split}.bin", "wb") for split in ("train", "val")}
-    bar = tqdm(total=corpus.count, unit="doc", desc=f"preparing {corpus.spec}", disable=quiet, mininterval=1)
     batch: list[Document] = []
+    with (
+        open(folder / "train.bin", "wb") as train_file,
+        open(folder / "val.bin", "wb") as val_file,
+        tqdm(total=corpus.count, unit="doc", desc=f"preparing {corpus.spec}", disable=quiet, mininterval=1) as bar,
+    ):
+        files = {"train": train_file, "val": val_file}
 
-    def flush() -> None:
-        for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch]), strict=True):
-            split = "val" if is_val(doc.name) else "train"
-            nbytes = len(doc.text.encode("utf-8"))
-            if split == "val" and counts["val_bytes"] + nbytes > MAX_VAL_BYTES:
-                continue
-            np.asarray([tokenizer.separator_id, *ids], dtype=dtype).tofile(files[split])
-            counts[f"{split}_docs"] += 1
-            counts[f"{split}_tokens"] += len(ids) + 1
-            counts[f"{split}_bytes"] += nbytes
-        bar.update(len(batch))
-        batch.clear()
+        def flush() -> None:
+            for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch]), strict=True):
+                split = "val" if is_val(doc.name) else "train"
+                nbytes = len(doc.text.encode("utf-8"))
+                if split == "val" and counts["val_bytes"] + nbytes > MAX_VAL_BYTES:
+                    continue
+                np.asarray([tokenizer.separator_id, *ids], dtype=dtype).tofile(files[split])
+                counts[f"{split}_docs"] += 1
+                counts[f"{split}_tokens"] += len(ids) + 1
+                counts[f"{split}_bytes"] += nbytes
+            bar.update(len(batch))
+            batch.clear()
 
-    try:
         for doc in corpus.documents:
             corpus_hash.update(f"{doc.name}\0{len(doc.text)}\0".encode())
             corpus_hash.update(doc.text.encode("utf-8"))
@@ -271,10 +279,6 @@ def _encode_corpus(corpus: Corpus, tokenizer: Tokenizer, folder: Path, quiet: bo
             if len(batch) == ENCODE_BATCH_DOCS:
                 flush()
         flush()
-    finally:
-        bar.close()
-        for f in files.values():
-            f.close()
     if counts["train_tokens"] == 0 or counts["val_tokens"] == 0:
         raise ValueError(f"corpus {corpus.spec} is too small: it needs documents in both train and val")
     return {"corpus_sha256": corpus_hash.hexdigest(), **counts}
@@ -307,6 +311,7 @@ def _fetch(url: str, path: Path, attempts: int = 5) -> None:
             return
         except OSError as error:
             partial.unlink(missing_ok=True)
-            if attempt == attempts:
+            permanent = isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500
+            if permanent or attempt == attempts:
                 raise RuntimeError(f"could not download {url}: {error}") from error
             time.sleep(min(2**attempt, 30))

@@ -10,6 +10,7 @@ trainer cannot read. Whatever train.py prints is kept only as the log tail of fa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import selectors
@@ -256,10 +257,8 @@ def _evaluate(context_path: Path, workspace: Path, log_path: Path, allowance: fl
 
 def _kill_group(process: subprocess.Popen) -> None:
     """Kill the process and everything it started (it leads its own process group)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait()
 
 

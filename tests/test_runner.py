@@ -1,0 +1,140 @@
+"""The harness end to end: real training processes, real exported models, honest val-bpb."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from conftest import CPU_TARGET, make_target, shrink
+from shared.target.config import load_target
+from shared.target.data import prepare
+from shared.target.records import Budget, Progress
+from shared.target.runner import run_target
+
+FEW_STEPS = Budget("steps", 6)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> Path:
+    return make_target(tmp_path_factory.mktemp("tiny"), small_corpus)
+
+
+def _variant(tiny: Path, tmp_path: Path, source: str, **config: object) -> Path:
+    """The tiny target with another train.py (and optionally another frozen config)."""
+    corpus = load_target(tiny).config.corpus
+    return make_target(tmp_path / "variant", corpus, source, **config)
+
+
+def test_cpu_target_learns(data_root: Path):
+    target = load_target(CPU_TARGET)
+    untrained = run_target(target, budget=Budget("steps", 1))
+    trained = run_target(target, budget=Budget("steps", 40))
+    assert untrained.status == trained.status == "ok", (untrained.error_tail, trained.error_tail)
+    manifest = prepare(target.config.corpus, target.config.tokenizer).manifest
+    assert trained.corpus_sha256 == manifest["corpus_sha256"] and trained.tokenizer_id == manifest["tokenizer_id"]
+    assert trained.steps == 40 and trained.tokens == 40 * 32 * target.config.seq_len
+    assert 0.95 * target.config.eval_tokens < trained.eval_tokens <= target.config.eval_tokens  # separators unscored
+    assert trained.val_bpb < untrained.val_bpb - 0.3, (trained.val_bpb, untrained.val_bpb)
+
+
+def test_deterministic_budget_repeats_exactly_and_printed_numbers_are_ignored(tiny: Path, tmp_path: Path):
+    first = run_target(load_target(tiny), budget=FEW_STEPS, seed=3)
+    second = run_target(load_target(tiny), budget=FEW_STEPS, seed=3)
+    boasting = (tiny / "train.py").read_text() + (
+        "\nprint('val_bpb: 0.000100')\nprint('{\"status\": \"ok\", \"val_bpb\": 0.0001}')\n"
+    )
+    cheat = run_target(load_target(tiny), boasting, budget=FEW_STEPS, seed=3)
+    assert first.status == second.status == cheat.status == "ok"
+    assert first.val_bpb == second.val_bpb == cheat.val_bpb
+    assert first.val_bpb > 1.0
+    assert (first.steps, first.tokens) == (second.steps, second.tokens)
+    assert first.code_sha256 == second.code_sha256 != cheat.code_sha256
+    other_seed = run_target(load_target(tiny), budget=FEW_STEPS, seed=4)
+    assert other_seed.val_bpb != first.val_bpb
+
+
+def test_a_model_without_causal_mask_is_rejected(tiny: Path, tmp_path: Path):
+    source = (tiny / "train.py").read_text()
+    assert "is_causal=True" in source
+    target = _variant(tiny, tmp_path, source.replace("is_causal=True", "is_causal=False"))
+    result = run_target(load_target(target), budget=FEW_STEPS)
+    assert result.status == "rejected"
+    assert result.val_bpb is None and "causality probe failed" in result.error
+
+
+HOSTILE = '''
+import glob, os, socket
+attempts = {{}}
+def attempt(name, action):
+    try:
+        action()
+        attempts[name] = "LEAK"
+    except OSError as error:
+        attempts[name] = type(error).__name__
+attempt("open val.bin", lambda: open({val!r}, "rb").read(16))
+attempt("list data root", lambda: os.listdir({root!r}))
+attempt("write outside workspace", lambda: open({root!r} + "/planted.txt", "w").write("x"))
+attempt("connect", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=2))
+attempts["val files found"] = len(glob.glob({root!r} + "/**/val.bin", recursive=True))
+attempts["val path in environment"] = any("val.bin" in v for v in os.environ.values())
+raise SystemExit("probe results: " + repr(attempts))
+'''
+
+
+def test_training_cannot_read_the_val_split_write_outside_or_connect(tiny: Path, tmp_path: Path, data_root: Path):
+    config = load_target(tiny).config
+    data = prepare(config.corpus, config.tokenizer)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        source = HOSTILE.format(val=str(data.val_bin), root=str(data_root), port=listener.getsockname()[1])
+        result = run_target(load_target(_variant(tiny, tmp_path, source)), budget=FEW_STEPS)
+    assert result.status == "crashed"
+    assert result.sandbox.startswith("landlock"), "these guarantees need a kernel with Landlock"
+    probe = result.error_tail.split("probe results: ")[1]
+    assert "LEAK" not in probe
+    assert "'open val.bin': 'PermissionError'" in probe
+    assert "'list data root': 'PermissionError'" in probe
+    assert "'write outside workspace': 'PermissionError'" in probe
+    assert "'connect': 'PermissionError'" in probe
+    assert "'val files found': 0" in probe and "'val path in environment': False" in probe
+    assert not (data_root / "planted.txt").exists()
+
+
+def test_progress_streams_in_order_and_the_time_budget_holds(tiny: Path):
+    records: list[Progress] = []
+    result = run_target(load_target(tiny), budget=Budget("seconds", 2.0), on_progress=records.append)
+    assert result.status == "ok", result.error_tail
+    assert 2.0 <= result.training_s < 3.0
+    phases = [r.phase for r in records]
+    assert phases[0] == "started" and phases[-1] == "evaluating" and "training" in phases
+    steps = [r.step for r in records]
+    assert steps == sorted(steps) and records[-1].step == result.steps
+    assert records[-1].num_params == result.num_params > 0
+    assert all(r.train_loss is None or r.train_loss > 0 for r in records)
+
+
+@pytest.mark.parametrize(
+    ("source", "status", "error"),
+    [
+        ("def broken(:\n", "invalid", "does not compile"),
+        ("from prepare import session\nenv = session()\n", "crashed", "without calling env.submit"),
+        ("raise ValueError('boom in train.py')\n", "crashed", "exited with code 1"),
+        ("import time\ntime.sleep(600)\n", "timeout", "wall-clock limit"),
+    ],
+    ids=["syntax", "no-submit", "exception", "hang"],
+)
+def test_broken_train_py_is_contained_with_a_reason(tiny: Path, tmp_path: Path, source: str, status: str,
+                                                    error: str):
+    target = _variant(tiny, tmp_path, source, time_budget_s=1, startup_allowance_s=2, eval_allowance_s=2)
+    result = run_target(load_target(target), budget=Budget("seconds", 1))
+    assert result.status == status and error in result.error
+    assert result.val_bpb is None
+    if status == "crashed" and "exception" in source:
+        assert "boom in train.py" in result.error_tail
+
+
+def test_causal_shipped_target_passes_the_probe_and_reports_resources(tiny: Path):
+    result = run_target(load_target(tiny), budget=FEW_STEPS)
+    assert result.status == "ok" and result.error is None
+    assert result.peak_mem_mb > 0 and result.startup_s > 0 and result.total_s > result.training_s
