@@ -51,7 +51,8 @@ def make_target(folder: Path, corpus: Path | str, train_py: str | None = None, *
         eval_batch=8, startup_allowance_s=30, eval_allowance_s=60, progress_interval_s=0.1,
     ) | config
     args = ", ".join(f"{key}={value!r}" for key, value in settings.items())
-    (folder / "prepare.py").write_text(f"from shared.target import TargetConfig, session\nCONFIG = TargetConfig({args})\n")
+    prepare = f"from shared.target import TargetConfig, session\nCONFIG = TargetConfig({args})\n"
+    (folder / "prepare.py").write_text(prepare)
     (folder / "program.md").write_text("# test target\n")
     source = train_py if train_py is not None else shrink((CPU_TARGET / "train.py").read_text(), **TINY_MODEL)
     (folder / "train.py").write_text(source)

@@ -6,8 +6,8 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import CPU_TARGET, make_target
 
-from conftest import CPU_TARGET, make_target, shrink
 from shared.target.config import load_target
 from shared.target.data import prepare
 from shared.target.records import Budget, Progress

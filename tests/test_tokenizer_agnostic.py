@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import CPU_TARGET, make_target, shrink
+
 from shared.target.config import load_target
 from shared.target.records import Budget
 from shared.target.runner import run_target

@@ -179,7 +179,8 @@ def _spawn(module: str, context_path: Path, workspace: Path, log, pass_fds=(), s
     env.update(
         HOME=str(workspace),
         TMPDIR=str(workspace / "tmp"),
-        PYTHONPATH=str(Path(shared.__file__).parent.parent),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(shared.__file__).parent.parent),
+                                                  os.environ.get("PYTHONPATH")])),
         PYTHONDONTWRITEBYTECODE="1",
         PYTHONUNBUFFERED="1",
         LANG="C.UTF-8",
