@@ -18,7 +18,9 @@ def python_roots() -> list[Path]:
 
 
 def confine_run(context: RunContext, read: list[str], write: list[str]) -> str:
-    """Confine this run process: read the system, Python and `read`; write /dev and `write`; no TCP."""
+    """Confine this run process: read the system, Python and `read`; write devices and `write`; no TCP."""
     readable = [*map(Path, SYSTEM_ROOTS), *python_roots(), *map(Path, context.readable), *map(Path, read)]
-    writable = [Path("/dev"), *map(Path, write)]
+    # CUDA writes to the process's own /proc entry when it starts (without it, on an H100,
+    # cudaGetDeviceCount fails with error 304); /proc/self resolves to this process only.
+    writable = [Path("/dev"), Path("/proc/self"), *map(Path, write)]
     return confine(readable, writable, hidden=[Path(p) for p in context.hidden])
