@@ -184,6 +184,8 @@ def _spawn(module: str, context_path: Path, workspace: Path, log, pass_fds=(), s
         PYTHONDONTWRITEBYTECODE="1",
         PYTHONUNBUFFERED="1",
         LANG="C.UTF-8",
+        # Inductor would compile in worker processes, which cannot start CUDA under the sandbox (confine.py).
+        TORCHINDUCTOR_COMPILE_THREADS="1",
     )
     return subprocess.Popen(
         [sys.executable, "-m", module, str(context_path)],
