@@ -8,7 +8,6 @@ from train.py), runs the causality probe, then eq. (1). Prints one JSON line: th
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
@@ -30,6 +29,9 @@ class Evaluation(msgspec.Struct, frozen=True, kw_only=True):
 
 def evaluate(context: RunContext) -> Evaluation:
     torch.set_num_threads(context.cpu_threads)
+    # The exported graph runs as it was traced, in float32 (autocast would break its dtype checks);
+    # TF32 matmuls on CUDA keep that fast.
+    torch.set_float32_matmul_precision("high")
     model = torch.export.load(context.model_path).module()
     windows = val_windows(np.memmap(context.val_bin, dtype=np.dtype(context.dtype), mode="r"),
                           context.seq_len, context.eval_tokens)
@@ -37,10 +39,7 @@ def evaluate(context: RunContext) -> Evaluation:
     if not probe.causal:
         return Evaluation(status="rejected", error=f"causality probe failed: {probe.detail}")
     token_bytes = torch.from_numpy(np.load(context.token_bytes))
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if context.device == "cuda"
-                else contextlib.nullcontext())
-    with autocast:
-        result = bits_per_byte(model, windows, token_bytes, context.eval_batch, context.device)
+    result = bits_per_byte(model, windows, token_bytes, context.eval_batch, context.device)
     return Evaluation(status="ok", val_bpb=result.bpb, eval_tokens=result.tokens)
 
 
