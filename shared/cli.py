@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from shared.target.config import load_target
+from shared.target.config import TargetError, load_target
 from shared.target.data import DOWNLOADABLE, download, prepare
 from shared.target.records import Budget, Progress
 from shared.target.runner import run_target
@@ -90,7 +90,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except (TargetError, OSError, ValueError, RuntimeError) as error:
+        print(f"autoresearch: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import torch
 
 from shared.target.bpb import EvaluationError, bits_per_byte, causality_probe, val_windows
 from shared.target.confine import confine_run
-from shared.target.records import RunContext
+from shared.target.records import RunContext, Status
 
 
 class Evaluation(msgspec.Struct, frozen=True, kw_only=True):
-    status: str
+    status: Status
     val_bpb: float | None = None
     eval_tokens: int = 0
     error: str | None = None

@@ -31,7 +31,7 @@ import shared
 from shared.target.config import Target
 from shared.target.data import PreparedData, data_root, prepare
 from shared.target.evaluate import Evaluation
-from shared.target.records import Budget, Progress, RunContext, RunResult
+from shared.target.records import Budget, Progress, RunContext, RunResult, Status
 from shared.target.sandbox import abi_version
 from shared.target.trainer import NOT_SUBMITTED_EXIT
 
@@ -67,6 +67,7 @@ def run_target(
     root = root or data_root()
     code = target.train_py.read_text() if source is None else source
     budget = budget or Budget("seconds", config.time_budget_s)
+    device = resolve_device(device or config.device)
     data = prepare(config.corpus, config.tokenizer, root, quiet=True)
     run = _Run(
         started=time.monotonic(),
@@ -76,7 +77,7 @@ def run_target(
             tokenizer_id=data.manifest["tokenizer_id"],
             budget=str(budget),
             seed=seed,
-            device=resolve_device(device or config.device),
+            device=device,
             sandbox=f"landlock-abi{abi_version()}" if abi_version() else "none",
         ),
     )
@@ -90,7 +91,7 @@ def run_target(
     (workspace / "tmp").mkdir(parents=True)
     (workspace / "train.py").write_text(code)
     read_end, write_end = os.pipe()
-    context = _context(target, data, workspace, budget, seed, run.base["device"], write_end, root)
+    context = _context(target, data, workspace, budget, seed, device, write_end, root)
     context_path = run_dir / "context.json"
     context_path.write_bytes(msgspec.json.encode(context))
     log_path = run_dir / "train.log"
@@ -129,12 +130,13 @@ class _Run:
     last: Progress = field(default_factory=lambda: Progress(phase="started"))
     bad_lines: int = 0
 
-    def result(self, status: str, **fields: object) -> RunResult:
+    def result(self, status: Status, val_bpb: float | None = None, eval_tokens: int = 0,
+               error: str | None = None, error_tail: str | None = None) -> RunResult:
         now = time.monotonic()
         startup = (self.first_step or now) - self.spawned if self.spawned else 0.0
         return RunResult(
-            status=status,  # type: ignore[arg-type]
-            val_bpb=fields.pop("val_bpb", None),  # type: ignore[arg-type]
+            status=status,
+            val_bpb=val_bpb,
             training_s=self.last.elapsed_train_s,
             startup_s=round(startup, 3),
             total_s=round(now - self.started, 3),
@@ -142,9 +144,10 @@ class _Run:
             tokens=self.last.tokens,
             peak_mem_mb=self.last.peak_mem_mb,
             num_params=self.last.num_params,
-            eval_tokens=fields.pop("eval_tokens", 0),  # type: ignore[arg-type]
+            eval_tokens=eval_tokens,
+            error=error,
+            error_tail=error_tail,
             **self.base,
-            **fields,  # type: ignore[arg-type]
         )
 
 
