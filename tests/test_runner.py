@@ -138,3 +138,15 @@ def test_causal_shipped_target_passes_the_probe_and_reports_resources(tiny: Path
     result = run_target(load_target(tiny), budget=FEW_STEPS)
     assert result.status == "ok" and result.error is None
     assert result.peak_mem_mb > 0 and result.startup_s > 0 and result.total_s > result.training_s
+
+
+def test_garbage_on_the_progress_channel_is_ignored(tiny: Path, tmp_path: Path):
+    garbage = (
+        "import os\nfrom prepare import session\n"
+        "fd = session()._channel.fileno()\n"
+        "os.write(fd, b'\\xff\\xfe not json\\n' + b'x' * 200_000 + b'\\n{\"phase\": \"bogus\"}\\n')\n"
+    )
+    source = garbage + (tiny / "train.py").read_text()
+    result = run_target(load_target(_variant(tiny, tmp_path, source)), budget=FEW_STEPS)
+    assert result.status == "ok", result.error_tail
+    assert result.steps == FEW_STEPS.amount

@@ -232,7 +232,7 @@ def _relay(buffer: bytes, run: _Run, on_progress: ProgressCallback | None) -> by
     for line in lines:
         try:
             record = msgspec.json.decode(line, type=Progress)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):  # whatever train.py wrote on the channel
             run.bad_lines += 1
             continue
         if record.phase == "training" and run.first_step is None:

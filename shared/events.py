@@ -1,0 +1,150 @@
+"""The five events of the loop, one definition each, and the subjects they travel on.
+
+Every service encodes and decodes events only through this module. Payloads are JSON (msgspec),
+readable as they are with `nats sub 'run.>'`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Literal
+
+import msgspec
+
+from shared.target.records import Phase, RunResult
+
+SCHEMA_VERSION = 1
+STREAM = "EVENTS"
+STREAM_SUBJECTS = ["proposal.>", "run.>", "policy.>"]
+MAX_EVENT_BYTES = 1 << 20
+"""Events larger than this are refused (code blobs and adapters go to the object store)."""
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    event_id: str
+    producer: str
+    """service/instance, e.g. executor/host-1234."""
+    ts: datetime
+    schema_version: int = SCHEMA_VERSION
+
+
+class EditOp(msgspec.Struct, frozen=True):
+    """One edit of train.py. Lines are 1-based; `replace`/`delete` cover [start, end] inclusive,
+    `insert` puts `text` before line `start` (start = number of lines + 1 appends)."""
+
+    op: Literal["insert", "replace", "delete"]
+    start: int
+    end: int
+    text: str = ""
+
+
+class ProposalCreated(Event, frozen=True, kw_only=True):
+    proposal_id: str
+    parent_code_sha256: str
+    ops: list[EditOp]
+    unified_diff: str
+    policy: str
+    policy_version: str
+    logprob: float | None = None
+    value: float | None = None
+    rationale: str | None = None
+
+
+class RunProgress(Event, frozen=True, kw_only=True):
+    run_id: str
+    proposal_id: str
+    executor_id: str
+    phase: Phase
+    elapsed_train_s: float
+    step: int
+    train_loss: float | None
+    tokens: int
+    peak_mem_mb: float
+
+
+class RunAborted(Event, frozen=True, kw_only=True):
+    run_id: str
+    at_train_s: float
+    forecast: float
+    forecast_low: float
+    forecast_high: float
+    threshold: float
+    statistic: float
+    boundary: float
+    commentary: str
+
+
+class RunFinished(Event, frozen=True, kw_only=True):
+    run_id: str
+    proposal_id: str
+    executor_id: str
+    result: RunResult
+
+
+class PPOStats(msgspec.Struct, frozen=True, kw_only=True):
+    policy_loss: float
+    value_loss: float
+    entropy: float
+    approx_kl: float
+    clip_fraction: float
+    mean_reward: float
+
+
+class PolicyUpdated(Event, frozen=True, kw_only=True):
+    policy_version: str
+    adapter_name: str
+    adapter_sha256: str
+    stats: PPOStats
+
+
+AnyEvent = ProposalCreated | RunProgress | RunAborted | RunFinished | PolicyUpdated
+
+_BY_PREFIX: dict[str, type[Event]] = {
+    "proposal.created": ProposalCreated,
+    "run.progress": RunProgress,
+    "run.aborted": RunAborted,
+    "run.finished": RunFinished,
+    "policy.updated": PolicyUpdated,
+}
+
+
+def subject(event: Event) -> str:
+    """`proposal.created`, `policy.updated`, or `run.<kind>.<run_id>` so that `run.>` tails every run."""
+    prefix = next(p for p, kind in _BY_PREFIX.items() if type(event) is kind)
+    return f"{prefix}.{event.run_id}" if prefix.startswith("run.") else prefix  # type: ignore[attr-defined]
+
+
+class BadEvent(ValueError):
+    """A message that is not a valid event of its subject; the reason says why."""
+
+
+def encode(event: Event) -> bytes:
+    return msgspec.json.encode(event)
+
+
+def decode(subject_name: str, data: bytes) -> AnyEvent:
+    """The event on a subject, or BadEvent with a reason (never another exception)."""
+    if len(data) > MAX_EVENT_BYTES:
+        raise BadEvent(f"{len(data)} bytes on {subject_name} is over the {MAX_EVENT_BYTES}-byte limit")
+    parts = subject_name.split(".")
+    kind = _BY_PREFIX.get(".".join(parts[:2]))
+    if kind is None or (parts[0] == "run") != (len(parts) == 3):
+        raise BadEvent(f"no event is defined for subject {subject_name!r}")
+    try:
+        event = msgspec.json.decode(data, type=kind)
+    except (msgspec.DecodeError, UnicodeDecodeError) as error:
+        raise BadEvent(f"malformed {kind.__name__} on {subject_name}: {error}") from None
+    if event.schema_version != SCHEMA_VERSION:
+        raise BadEvent(f"{kind.__name__} has schema_version {event.schema_version}, this build reads {SCHEMA_VERSION}")
+    if parts[0] == "run" and parts[2] != event.run_id:  # type: ignore[attr-defined]
+        raise BadEvent(f"subject {subject_name} does not match run_id {event.run_id!r}")  # type: ignore[attr-defined]
+    return event  # type: ignore[return-value]
