@@ -57,3 +57,13 @@ def make_target(folder: Path, corpus: Path | str, train_py: str | None = None, *
     source = train_py if train_py is not None else shrink((CPU_TARGET / "train.py").read_text(), **TINY_MODEL)
     (folder / "train.py").write_text(source)
     return folder
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path):
+    """A real nats-server with JetStream on a free loopback port, file storage in tmp_path."""
+    from shared.nats_server import EmbeddedServer
+
+    server = EmbeddedServer(tmp_path / "nats").start()
+    yield server
+    server.stop()
