@@ -6,7 +6,6 @@ A target folder holds `prepare.py` (frozen: it defines `CONFIG = TargetConfig(..
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -54,14 +53,6 @@ class Target:
     @property
     def train_py(self) -> Path:
         return self.path / "train.py"
-
-    @property
-    def program_md(self) -> Path:
-        return self.path / "program.md"
-
-    @property
-    def prepare_sha256(self) -> str:
-        return hashlib.sha256((self.path / "prepare.py").read_bytes()).hexdigest()
 
 
 class TargetError(ValueError):

@@ -56,11 +56,6 @@ class Session:
         self._submitted = False
         self._emit(Progress(phase="started"))
 
-    @property
-    def time_budget_s(self) -> float | None:
-        budget = self._context.budget
-        return budget.amount if budget.unit == "seconds" else None
-
     def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Random windows of the train split: x [batch, seq_len] and targets y shifted by one."""
         if batch_size < 1:
