@@ -68,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--train-py", help="train this file instead of the target's train.py")
     budget = run.add_mutually_exclusive_group()
     budget.add_argument("--budget-seconds", type=float, help="training seconds (default: the target's T_max)")
-    budget.add_argument("--budget-steps", type=int, help="deterministic budget: optimizer steps")
+    budget.add_argument("--budget-steps", type=int, help="deterministic budget: batches drawn from env.batches()")
     budget.add_argument("--budget-tokens", type=int, help="deterministic budget: training tokens")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--device", choices=["cpu", "cuda"], help="override the target's device")
