@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -21,6 +21,11 @@ MAX_EVENT_BYTES = 1 << 20
 """Events larger than this are refused (code blobs and adapters go to the object store)."""
 
 
+Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+"""Ids become subject tokens (run.progress.<run_id>), so no dots, wildcards or spaces."""
+Sha256 = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{64})?$")]
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -30,7 +35,7 @@ def now() -> datetime:
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True):
-    event_id: str
+    event_id: Id
     producer: str
     """service/instance, e.g. executor/host-1234."""
     ts: datetime
@@ -48,8 +53,8 @@ class EditOp(msgspec.Struct, frozen=True):
 
 
 class ProposalCreated(Event, frozen=True, kw_only=True):
-    proposal_id: str
-    parent_code_sha256: str
+    proposal_id: Id
+    parent_code_sha256: Sha256
     ops: list[EditOp]
     unified_diff: str
     policy: str
@@ -60,19 +65,20 @@ class ProposalCreated(Event, frozen=True, kw_only=True):
 
 
 class RunProgress(Event, frozen=True, kw_only=True):
-    run_id: str
-    proposal_id: str
+    run_id: Id
+    proposal_id: Id
     executor_id: str
     phase: Phase
     elapsed_train_s: float
     step: int
     train_loss: float | None
+    nonfinite_loss: bool = False
     tokens: int
     peak_mem_mb: float
 
 
 class RunAborted(Event, frozen=True, kw_only=True):
-    run_id: str
+    run_id: Id
     at_train_s: float
     forecast: float
     forecast_low: float
@@ -84,8 +90,8 @@ class RunAborted(Event, frozen=True, kw_only=True):
 
 
 class RunFinished(Event, frozen=True, kw_only=True):
-    run_id: str
-    proposal_id: str
+    run_id: Id
+    proposal_id: Id
     executor_id: str
     result: RunResult
 

@@ -7,7 +7,9 @@ from typing import Literal
 import msgspec
 
 Phase = Literal["started", "training", "evaluating"]
-Status = Literal["ok", "invalid", "crashed", "timeout", "rejected"]
+Status = Literal["ok", "invalid", "crashed", "timeout", "aborted", "rejected"]
+"""ok: judged; invalid: the edit or code is unusable; crashed: training failed or broke a limit;
+timeout: the hard wall-clock kill; aborted: stopped early (forecast or divergence); rejected: refused unrun."""
 
 
 class Budget(msgspec.Struct, frozen=True):
@@ -25,12 +27,14 @@ class Budget(msgspec.Struct, frozen=True):
 
 
 class Progress(msgspec.Struct, frozen=True, kw_only=True):
-    """One line on the progress channel. train_loss is None before the first loss and when non-finite."""
+    """One line on the progress channel. train_loss is None before the first loss and when non-finite;
+    nonfinite_loss says which (JSON has no NaN)."""
 
     phase: Phase
     elapsed_train_s: float = 0.0
     step: int = 0
     train_loss: float | None = None
+    nonfinite_loss: bool = False
     tokens: int = 0
     peak_mem_mb: float = 0.0
     num_params: int | None = None

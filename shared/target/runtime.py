@@ -121,6 +121,7 @@ class Session:
             elapsed_train_s=round(self._train_s, 3),
             step=self._steps,
             train_loss=loss if loss is not None and math.isfinite(loss) else None,
+            nonfinite_loss=loss is not None and not math.isfinite(loss),
             tokens=self._tokens,
             peak_mem_mb=round(peak_memory_mb(self.device), 1),
             num_params=num_params,
