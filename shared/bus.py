@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TypeVar
 
+import msgspec
 import nats
-from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.aio.msg import Msg
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import NotFoundError
 
-from shared.events import MAX_EVENT_BYTES, STREAM, STREAM_SUBJECTS, Event, encode, subject
+from shared.events import MAX_EVENT_BYTES, PROPOSAL_CREATED, STREAM, STREAM_SUBJECTS, Event, encode, subject
 
 DUPLICATE_WINDOW_S = 120.0
 """A publish retried within this window with the same event id is stored once."""
+WORK_QUEUE = "executors"
+"""The durable pull consumer every executor shares: each proposal goes to exactly one of them."""
+T = TypeVar("T")
+LEDGER_CONSUMER = "ledger"
+"""The ledger's durable consumer of the whole stream."""
 
 
 def stream_config(replicas: int = 1) -> StreamConfig:
@@ -25,6 +42,31 @@ def stream_config(replicas: int = 1) -> StreamConfig:
         max_msg_size=MAX_EVENT_BYTES,
         duplicate_window=DUPLICATE_WINDOW_S,
         num_replicas=replicas,
+    )
+
+
+def work_queue_config(ack_wait_s: float, max_deliver: int) -> ConsumerConfig:
+    """One delivery per proposal at a time; silence for ack_wait_s means the executor died: redeliver."""
+    return ConsumerConfig(
+        durable_name=WORK_QUEUE,
+        filter_subject=PROPOSAL_CREATED,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ack_wait_s,
+        max_deliver=max_deliver,
+        max_ack_pending=-1,
+    )
+
+
+def ledger_consumer_config(start_seq: int) -> ConsumerConfig:
+    """Everything in stream order from start_seq; acking the last event of a batch acks the batch."""
+    return ConsumerConfig(
+        durable_name=LEDGER_CONSUMER,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start_seq,
+        ack_policy=AckPolicy.ALL,
+        ack_wait=60.0,
+        max_ack_pending=-1,
     )
 
 
@@ -56,6 +98,41 @@ class Bus:
             return
         await self.js.update_stream(wanted)
 
+    async def ensure_work_queue(self, ack_wait_s: float, max_deliver: int) -> None:
+        """Create the executors' consumer or update its limits to the current config."""
+        await self.js.add_consumer(STREAM, work_queue_config(ack_wait_s, max_deliver))
+
+    async def ensure_ledger_consumer(self, cursor: int) -> None:
+        """The ledger's consumer, positioned after `cursor`, the last sequence the ledger file holds.
+
+        The file is the truth: a consumer that is ahead (the file was restored or deleted) or behind
+        is recreated at cursor + 1, so no event is skipped and none is appended twice."""
+        try:
+            info = await self.js.consumer_info(STREAM, LEDGER_CONSUMER)
+            if info.ack_floor.stream_seq == cursor and info.num_ack_pending == 0:
+                return
+            await self.js.delete_consumer(STREAM, LEDGER_CONSUMER)
+        except NotFoundError:
+            pass
+        await self.js.add_consumer(STREAM, ledger_consumer_config(cursor + 1))
+
+    async def pull(self, durable: str) -> nats.js.JetStreamContext.PullSubscription:
+        return await self.js.pull_subscribe_bind(durable=durable, stream=STREAM)
+
+    async def pending_proposals(self) -> int:
+        """Proposals in the work queue that no executor has taken yet."""
+        return (await self.js.consumer_info(STREAM, WORK_QUEUE)).num_pending
+
+    async def request(self, subject_name: str, payload: msgspec.Struct, reply: type[T], timeout: float) -> T:
+        """Core NATS request-reply (the ledger's state queries); raises TimeoutError if nobody answers."""
+        try:
+            answer = await self.nc.request(subject_name, msgspec.json.encode(payload), timeout=timeout)
+        except nats.errors.NoRespondersError:
+            raise TimeoutError(f"nobody answers {subject_name}") from None
+        except nats.errors.TimeoutError:
+            raise TimeoutError(f"no reply on {subject_name} within {timeout} s") from None
+        return msgspec.json.decode(answer.data, type=reply)
+
     async def publish(self, event: Event) -> int:
         """Store the event once (its id is the Nats-Msg-Id); returns its stream sequence."""
         ack = await self.js.publish(subject(event), encode(event), stream=STREAM,
@@ -81,6 +158,21 @@ class Bus:
         finally:
             await subscription.unsubscribe()
 
+    async def publish_until_stored(self, event: Event, retry_s: float = 1.0) -> int:
+        """Publish through a server outage: the msg id makes every retry idempotent."""
+        while True:
+            try:
+                return await self.publish(event)
+            except (TimeoutError, nats.errors.Error):
+                await asyncio.sleep(retry_s)
+
     async def close(self) -> None:
-        await self.nc.drain()
+        """Close without draining: every publish was already confirmed, and draining a pull
+        subscription waits out its timeout."""
+        await self.nc.close()
+
+
+async def ack_after(message: Msg) -> None:
+    """An acknowledgement the server confirmed (a lost ack would mean a second run)."""
+    await message.ack_sync()
 

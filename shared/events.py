@@ -114,19 +114,29 @@ class PolicyUpdated(Event, frozen=True, kw_only=True):
 
 AnyEvent = ProposalCreated | RunProgress | RunAborted | RunFinished | PolicyUpdated
 
+PROPOSAL_CREATED = "proposal.created"
+RUN_PROGRESS = "run.progress"
+RUN_ABORTED = "run.aborted"
+RUN_FINISHED = "run.finished"
+POLICY_UPDATED = "policy.updated"
 _BY_PREFIX: dict[str, type[Event]] = {
-    "proposal.created": ProposalCreated,
-    "run.progress": RunProgress,
-    "run.aborted": RunAborted,
-    "run.finished": RunFinished,
-    "policy.updated": PolicyUpdated,
+    PROPOSAL_CREATED: ProposalCreated,
+    RUN_PROGRESS: RunProgress,
+    RUN_ABORTED: RunAborted,
+    RUN_FINISHED: RunFinished,
+    POLICY_UPDATED: PolicyUpdated,
 }
+
+
+def run_subject(prefix: str, run_id: str) -> str:
+    """`run.aborted.<run_id>` and the like: one run's subject (`prefix.*` matches every run)."""
+    return f"{prefix}.{run_id}"
 
 
 def subject(event: Event) -> str:
     """`proposal.created`, `policy.updated`, or `run.<kind>.<run_id>` so that `run.>` tails every run."""
     prefix = next(p for p, kind in _BY_PREFIX.items() if type(event) is kind)
-    return f"{prefix}.{event.run_id}" if prefix.startswith("run.") else prefix  # type: ignore[attr-defined]
+    return run_subject(prefix, event.run_id) if prefix.startswith("run.") else prefix  # type: ignore[attr-defined]
 
 
 class BadEvent(ValueError):

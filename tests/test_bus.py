@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from nats.js.api import StreamConfig
 
-from shared.bus import Bus, stream_config
-from shared.events import STREAM, RunProgress, decode, new_id, now
+from shared.bus import LEDGER_CONSUMER, WORK_QUEUE, Bus, ack_after, stream_config
+from shared.events import STREAM, ProposalCreated, RunProgress, decode, new_id, now
 
 
 def progress(run_id: str, step: int, event_id: str | None = None) -> RunProgress:
@@ -52,4 +53,53 @@ async def test_a_stale_stream_config_is_updated_at_start(nats_server):
     info = await bus.js.stream_info(STREAM)
     assert sorted(info.config.subjects) == sorted(stream_config().subjects)
     assert info.config.duplicate_window == stream_config().duplicate_window
+    await bus.close()
+
+
+def proposal(proposal_id: str) -> ProposalCreated:
+    return ProposalCreated(event_id=new_id(), producer="test/1", ts=now(), proposal_id=proposal_id,
+                           parent_code_sha256="", ops=[], unified_diff="", policy="test", policy_version="0")
+
+
+async def test_work_queue_gives_each_proposal_to_one_executor_and_redelivers_a_silent_one(nats_server):
+    bus = await Bus.connect([nats_server.url], "test")
+    await bus.ensure_stream()
+    await bus.ensure_work_queue(ack_wait_s=1.0, max_deliver=2)
+    first, second = await bus.pull(WORK_QUEUE), await bus.pull(WORK_QUEUE)
+    for name in ("a", "b", "c"):
+        await bus.publish(proposal(name))
+    await bus.publish(progress("r1", 1))  # not a proposal: never reaches the queue
+    assert await bus.pending_proposals() == 3
+    got_a, = await first.fetch(1, timeout=2)
+    got_b, = await second.fetch(1, timeout=2)
+    got_c, = await second.fetch(1, timeout=2)
+    assert {decode(m.subject, m.data).proposal_id for m in (got_a, got_b, got_c)} == {"a", "b", "c"}
+    await ack_after(got_a)
+    await got_b.term()
+    # c is neither acked nor kept in progress: the executor "died"; it comes back after ack_wait.
+    again, = await first.fetch(1, timeout=5)
+    assert again.data == got_c.data and again.metadata.num_delivered == 2
+    with pytest.raises(TimeoutError):  # max_deliver = 2 and a and b are settled: nothing more
+        await first.fetch(1, timeout=2.5)
+    await bus.ensure_work_queue(ack_wait_s=7.0, max_deliver=5)  # a changed config is applied, not ignored
+    info = await bus.js.consumer_info(STREAM, WORK_QUEUE)
+    assert (info.config.ack_wait, info.config.max_deliver) == (7.0, 5)
+    await bus.close()
+
+
+async def test_ledger_consumer_follows_the_ledger_files_cursor(nats_server):
+    bus = await Bus.connect([nats_server.url], "test")
+    await bus.ensure_stream()
+    for step in range(5):
+        await bus.publish(progress("r1", step))
+    await bus.ensure_ledger_consumer(cursor=0)
+    events = await bus.pull(LEDGER_CONSUMER)
+    batch = await events.fetch(3, timeout=2)
+    await ack_after(batch[-1])  # AckPolicy.ALL: the whole batch
+    info = await bus.js.consumer_info(STREAM, LEDGER_CONSUMER)
+    assert info.ack_floor.stream_seq == 3 and info.num_ack_pending == 0
+    await bus.ensure_ledger_consumer(cursor=3)  # in step: kept
+    await bus.ensure_ledger_consumer(cursor=1)  # the file is behind (restored from a backup): start at 2
+    events = await bus.pull(LEDGER_CONSUMER)
+    assert [m.metadata.sequence.stream for m in await events.fetch(10, timeout=2)] == [2, 3, 4, 5]
     await bus.close()

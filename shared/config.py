@@ -1,0 +1,126 @@
+"""The one configuration every service reads: `autoresearch.toml`, then environment overrides.
+
+    AUTORESEARCH_CONFIG=path/to/file.toml      another file (default: ./autoresearch.toml; absent = defaults)
+    AUTORESEARCH_EXECUTOR_SLOTS=2              any key, as AUTORESEARCH_<SECTION>_<KEY>
+
+The defaults are the offline 2-core CPU stack: an embedded nats-server, the CPU target, one executor slot.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+
+import msgspec
+
+ENV_PREFIX = "AUTORESEARCH_"
+DEFAULT_FILE = "autoresearch.toml"
+
+
+class Stack(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    data_dir: str = ".data"
+    """NATS storage, the ledger file, the stack's pid file."""
+    target: str = "targets/cpu_gpt"
+    """The research target folder (targets/README.md)."""
+
+
+class Nats(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    servers: str = ""
+    """Comma-separated URLs of external servers (a cluster); empty starts the embedded nats-server."""
+    port: int = 4222
+    """Port of the embedded server."""
+    replicas: int = 1
+    """Stream replicas: 3 on a 3-node cluster (deploy/)."""
+
+    @property
+    def urls(self) -> list[str]:
+        return [url.strip() for url in self.servers.split(",") if url.strip()] or [f"nats://127.0.0.1:{self.port}"]
+
+
+class Ledger(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    http_port: int = 8765
+    """The read-only HTTP API (SQL, state) on 127.0.0.1."""
+    batch: int = 500
+    """Events appended per transaction at most."""
+
+
+class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    slots: int = 1
+    """Concurrent runs; with GPUs, slot i runs on GPU i."""
+    budget_unit: str = "seconds"
+    """seconds (the real loop), or steps / tokens for deterministic runs."""
+    budget_amount: float = 0
+    """0: the target's T_max."""
+    seed: int = 0
+    ack_wait_s: float = 30.0
+    """A proposal whose executor went silent this long is redelivered."""
+    max_deliver: int = 3
+    """Deliveries of one proposal at most (then it is left unrun, recorded by the ledger)."""
+    progress_interval_s: float = 2.0
+    """run.progress events per run at most this often (phase changes always go out)."""
+    memory_mb: int = 0
+    """Per run; 0: 60% of physical memory divided by the slots."""
+    processes: int = 64
+    file_size_mb: int = 2048
+    open_files: int = 1024
+
+
+class Proposer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    seed: int = 0
+    target_bpb: float = 0
+    """TERMINATE once bpb* <= this (0: off). With every condition off the loop runs forever."""
+    max_experiments: int = 0
+    max_hours: float = 0
+    plateau: int = 0
+    """Stop after this many finished experiments without a new best (0: off)."""
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    stack: Stack = Stack()
+    nats: Nats = Nats()
+    ledger: Ledger = Ledger()
+    executor: Executor = Executor()
+    proposer: Proposer = Proposer()
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.stack.data_dir).resolve()
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.data_dir / "ledger.duckdb"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, str] | None = None) -> Config:
+    environ = dict(os.environ) if environ is None else environ
+    file = Path(path or environ.get(f"{ENV_PREFIX}CONFIG", DEFAULT_FILE))
+    raw: dict[str, dict[str, object]] = {}
+    if file.is_file():
+        try:
+            raw = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{file}: {error}") from None
+    for section, key, value in _overrides(environ):
+        raw.setdefault(section, {})[key] = value
+    try:
+        return msgspec.convert(raw, Config, strict=False)
+    except msgspec.ValidationError as error:
+        raise ConfigError(f"configuration ({file} and {ENV_PREFIX}* variables): {error}") from None
+
+
+def _overrides(environ: dict[str, str]) -> list[tuple[str, str, str]]:
+    """AUTORESEARCH_<SECTION>_<KEY> variables; section names have no underscore, keys may."""
+    sections = set(Config.__struct_fields__)
+    found = []
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
+        if section in sections and key:
+            found.append((section, key, value))
+    return found
