@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -26,10 +27,13 @@ def free_port() -> int:
 
 
 class EmbeddedServer:
-    """A single-node JetStream server on loopback with file storage under `store_dir`."""
+    """A JetStream server on loopback with file storage under `store_dir`; `args` add options
+    (the cluster test makes three of them into a cluster)."""
 
-    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None):
+    def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None,
+                 args: Sequence[str] = ()):
         self.store_dir = store_dir
+        self.args = list(args)
         self.port = port or free_port()
         self.log_file = log_file or store_dir / "nats-server.log"
         self.process: subprocess.Popen | None = None
@@ -41,7 +45,7 @@ class EmbeddedServer:
     def start(self, timeout: float = 10.0) -> EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         command = [binary(), "-js", "-sd", str(self.store_dir), "-a", "127.0.0.1", "-p", str(self.port),
-                   "-l", str(self.log_file)]
+                   "-l", str(self.log_file), *self.args]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
