@@ -1,0 +1,3 @@
+from services.proposer.main import main
+
+main()
