@@ -3,9 +3,11 @@
     result = run_target(load_target("targets/cpu_gpt"), budget=Budget("steps", 200))
 
 It owns the outer clock and every number in the result. Two child processes, each in its own
-process group and confined (sandbox.py): the trainer runs train.py and reports progress as JSON
-lines on a dedicated pipe; the evaluator scores the exported model on the val split, which the
-trainer cannot read. Whatever train.py prints is kept only as the log tail of failed runs.
+process group, confined (sandbox.py) and under resource limits (limits.py): the trainer runs
+train.py and reports progress as JSON lines on a dedicated pipe; the evaluator scores the exported
+model on the val split, which the trainer cannot read. Every POLL_S the supervisor checks the wall
+clock, a stop request and the limits, and kills the run when one says so. Whatever train.py prints
+is kept only as the log tail of failed runs.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import hashlib
 import os
 import selectors
 import shutil
-import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -31,12 +33,27 @@ import shared
 from shared.target.config import Target
 from shared.target.data import PreparedData, data_root, prepare
 from shared.target.evaluate import Evaluation
+from shared.target.limits import (
+    Limits,
+    breach,
+    check_can_run_as,
+    end_run,
+    hand_over,
+    hold_slot,
+    limit_hit,
+    preexec,
+    reap,
+    run_uid,
+    usage,
+)
 from shared.target.records import Budget, Progress, RunContext, RunResult, Status
 from shared.target.sandbox import abi_version
 from shared.target.trainer import NOT_SUBMITTED_EXIT
 
 STEP_BUDGET_WALL_FACTOR = 10
 """In step/token budget mode the outer limit is this many times T_max (compute is not metered)."""
+POLL_S = 0.2
+"""How often the supervisor checks the clock, a stop request and the limits of a running process."""
 MAX_PROGRESS_LINE = 1 << 16
 ERROR_TAIL_BYTES = 4096
 PASSED_ENV = ("PATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_HOME")
@@ -52,6 +69,26 @@ def resolve_device(wanted: str) -> str:
     return wanted
 
 
+class StopRequest:
+    """Ask a run to stop early (a forecast, a diverged loss, an operator). Safe from any thread; the
+    first reason given is the one the result carries. The run ends within a poll or two: status
+    "aborted", error = the reason."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        with self._lock:
+            if self._reason is None:
+                self._reason = reason
+
+    @property
+    def reason(self) -> str | None:
+        with self._lock:
+            return self._reason
+
+
 def run_target(
     target: Target,
     source: str | None = None,
@@ -61,13 +98,27 @@ def run_target(
     device: str | None = None,
     root: Path | None = None,
     on_progress: ProgressCallback | None = None,
+    limits: Limits | None = None,
+    slot: int = 0,
+    stop: StopRequest | None = None,
+    visible_devices: str | None = None,
 ) -> RunResult:
-    """Train `source` (default: the target's train.py) and evaluate it. Never raises for bad code."""
+    """Train `source` (default: the target's train.py) and evaluate it. Never raises for bad code.
+
+    limits: what the run may use (default: Limits()). slot: which of the concurrent runs this is; a
+    root supervisor runs slot s as its own uid (limits.py), so concurrent runs need distinct slots.
+    stop: ends the run early when requested. visible_devices: CUDA_VISIBLE_DEVICES of the run.
+    Raises RuntimeError where a root supervisor cannot start processes as the slot's uid.
+    """
     config = target.config
     root = root or data_root()
     code = target.train_py.read_text() if source is None else source
     budget = budget or Budget("seconds", config.time_budget_s)
     device = resolve_device(device or config.device)
+    limits = limits or Limits()
+    uid = run_uid(slot)
+    if uid is not None:
+        check_can_run_as(uid)
     data = prepare(config.corpus, config.tokenizer, root, quiet=True)
     run = _Run(
         started=time.monotonic(),
@@ -85,6 +136,8 @@ def run_target(
         compile(code, "train.py", "exec")
     except SyntaxError as error:
         return run.result("invalid", error=f"train.py does not compile: {error.msg} (line {error.lineno})")
+    if stop is not None and stop.reason is not None:
+        return run.result("aborted", error=stop.reason)
 
     run_dir = root / "runs" / uuid.uuid4().hex[:12]
     workspace = run_dir / "workspace"
@@ -92,31 +145,50 @@ def run_target(
     (workspace / "train.py").write_text(code)
     read_end, write_end = os.pipe()
     context = _context(target, data, workspace, budget, seed, device, write_end, root)
-    context_path = run_dir / "context.json"
-    context_path.write_bytes(msgspec.json.encode(context))
-    log_path = run_dir / "train.log"
+    (run_dir / "context.json").write_bytes(msgspec.json.encode(context))
+    launcher = _Launcher(run_dir, limits, device, config.cpu_threads, uid, visible_devices)
+    limit = config.startup_allowance_s + config.eval_allowance_s + config.time_budget_s * (
+        1 if budget.unit == "seconds" else STEP_BUDGET_WALL_FACTOR
+    )
     try:
-        with open(log_path, "wb") as log:
-            trainer = _spawn("shared.target.trainer", context_path, workspace, log, pass_fds=(write_end,))
-        os.close(write_end)
-        limit = config.startup_allowance_s + config.eval_allowance_s + config.time_budget_s * (
-            1 if budget.unit == "seconds" else STEP_BUDGET_WALL_FACTOR
-        )
-        timed_out = _watch(trainer, read_end, run, limit, on_progress)
-        if timed_out:
-            return run.result("timeout", error=f"run exceeded its wall-clock limit of {limit:.0f} s",
-                              error_tail=_tail(log_path))
-        if trainer.returncode != 0:
-            reason = ("train.py ended without calling env.submit(model)" if trainer.returncode == NOT_SUBMITTED_EXIT
-                      else f"training process exited with code {trainer.returncode}")
-            return run.result("crashed", error=reason, error_tail=_tail(log_path))
-        evaluation = _evaluate(context_path, workspace, log_path, config.eval_allowance_s)
-        return run.result(evaluation.status, val_bpb=evaluation.val_bpb, eval_tokens=evaluation.eval_tokens,
-                          error=evaluation.error, error_tail=None if evaluation.status == "ok" else _tail(log_path))
+        with hold_slot(uid):
+            return _train_and_judge(run, launcher, _Guard(limits, uid, stop), (read_end, write_end), limit,
+                                    config.eval_allowance_s, on_progress)
     finally:
         os.close(read_end)
         shutil.rmtree(workspace / "tmp", ignore_errors=True)
         Path(context.model_path).unlink(missing_ok=True)
+
+
+def _train_and_judge(run: _Run, launcher: _Launcher, guard: _Guard, progress: tuple[int, int], limit: float,
+                     eval_allowance: float, on_progress: ProgressCallback | None) -> RunResult:
+    """Train under the guard until train.py hands its model in, then evaluate the model."""
+    if launcher.uid is not None:
+        reap(launcher.uid)  # whatever an earlier run of this slot left would count against this one's limits
+        hand_over(launcher.workspace, launcher.uid)
+    read_end, write_end = progress
+    try:
+        with open(launcher.log_path, "wb") as log:
+            trainer = launcher.spawn("shared.target.trainer", log, pass_fds=(write_end,))
+    finally:
+        os.close(write_end)
+    run.spawned = time.monotonic()
+    channel = _Channel(read_end, run, on_progress)
+    try:
+        verdict = _watch(trainer, guard, run.spawned + limit, f"run exceeded its wall-clock limit of {limit:.0f} s",
+                         channel.wait)
+    finally:
+        channel.close()
+    log_path = launcher.log_path
+    if verdict is not None:
+        return run.result(verdict.status, error=verdict.error, error_tail=_failure_tail(verdict.status, log_path))
+    if trainer.returncode != 0:
+        reason = ("train.py ended without calling env.submit(model)" if trainer.returncode == NOT_SUBMITTED_EXIT
+                  else _exit_reason("training process", "train.py", trainer.returncode, log_path, launcher.limits))
+        return run.result("crashed", error=reason, error_tail=_tail(log_path))
+    evaluation = _evaluate(launcher, guard, eval_allowance)
+    return run.result(evaluation.status, val_bpb=evaluation.val_bpb, eval_tokens=evaluation.eval_tokens,
+                      error=evaluation.error, error_tail=_failure_tail(evaluation.status, log_path))
 
 
 @dataclass
@@ -177,54 +249,137 @@ def _context(target: Target, data: PreparedData, workspace: Path, budget: Budget
     )
 
 
-def _spawn(module: str, context_path: Path, workspace: Path, log, pass_fds=(), stdout=None) -> subprocess.Popen:
-    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
-    env.update(
-        HOME=str(workspace),
-        TMPDIR=str(workspace / "tmp"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(shared.__file__).parent.parent),
-                                                  os.environ.get("PYTHONPATH")])),
-        PYTHONDONTWRITEBYTECODE="1",
-        PYTHONUNBUFFERED="1",
-        LANG="C.UTF-8",
-        # Inductor would compile in worker processes, which cannot start CUDA under the sandbox (confine.py).
-        TORCHINDUCTOR_COMPILE_THREADS="1",
-    )
-    return subprocess.Popen(
-        [sys.executable, "-m", module, str(context_path)],
-        cwd=workspace,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=stdout or log,
-        stderr=log,
-        pass_fds=pass_fds,
-        start_new_session=True,
-    )
+@dataclass(frozen=True)
+class _Launcher:
+    """How the run's processes start: environment, working folder, identity and limits."""
+
+    run_dir: Path
+    limits: Limits
+    device: str
+    cpu_threads: int
+    uid: int | None
+    visible_devices: str | None
+
+    @property
+    def workspace(self) -> Path:
+        return self.run_dir / "workspace"
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "train.log"
+
+    def spawn(self, module: str, log, pass_fds=(), stdout=None) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", module, str(self.run_dir / "context.json")],
+            cwd=self.workspace,
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout or log,
+            stderr=log,
+            pass_fds=pass_fds,
+            start_new_session=True,
+            # Python between fork and exec: it only makes system calls (no imports, no locks), which keeps it
+            # safe in a supervisor with threads.
+            preexec_fn=preexec(self.limits, self.device, self.uid),
+        )
+
+    def env(self) -> dict[str, str]:
+        env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+        env.update(
+            HOME=str(self.workspace),
+            TMPDIR=str(self.workspace / "tmp"),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(Path(shared.__file__).parent.parent),
+                                                      os.environ.get("PYTHONPATH")])),
+            PYTHONDONTWRITEBYTECODE="1",
+            PYTHONUNBUFFERED="1",
+            LANG="C.UTF-8",
+            # Inductor would compile in worker processes, which cannot start CUDA under the sandbox (confine.py).
+            TORCHINDUCTOR_COMPILE_THREADS="1",
+            # numpy's OpenBLAS starts a thread per core at import, which on a large machine alone would
+            # reach the run's process limit; torch's threads are set from the same number (trainer.py).
+            OPENBLAS_NUM_THREADS=str(self.cpu_threads),
+        )
+        if self.uid is not None:  # the run's uid has no passwd entry, and getpass.getuser() (inductor) needs a name
+            env.update(USER=f"run{self.uid}", LOGNAME=f"run{self.uid}")
+        if self.visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.visible_devices
+        return env
 
 
-def _watch(process: subprocess.Popen, channel: int, run: _Run, limit: float,
-           on_progress: ProgressCallback | None) -> bool:
-    """Relay progress until the trainer exits; kill its process group at the limit. True if timed out."""
-    run.spawned = time.monotonic()
-    deadline = run.spawned + limit
-    selector = selectors.DefaultSelector()
-    selector.register(channel, selectors.EVENT_READ)
-    pending = b""
+@dataclass(frozen=True)
+class _Verdict:
+    """Why the supervisor ended a run process before it exited by itself."""
+
+    status: Status
+    error: str
+
+
+@dataclass
+class _Guard:
+    """What ends a run process early besides its own exit: the clock, a stop request, the limits."""
+
+    limits: Limits
+    uid: int | None
+    stop: StopRequest | None
+    next_scan: float = 0.0
+
+    def check(self, process: subprocess.Popen, deadline: float, timeout_error: str) -> _Verdict | None:
+        if self.stop is not None and (reason := self.stop.reason) is not None:
+            return _Verdict("aborted", reason)
+        now = time.monotonic()
+        if now >= deadline:
+            return _Verdict("timeout", timeout_error)
+        if now < self.next_scan:  # progress lines can wake the loop often; /proc is read once a poll
+            return None
+        self.next_scan = now + POLL_S
+        exceeded = breach(usage(process.pid, self.uid), self.limits)
+        return _Verdict("crashed", exceeded) if exceeded else None
+
+    def end(self, process: subprocess.Popen) -> None:
+        """Kill the process and everything it started: its process group, and its uid's processes."""
+        end_run(process.pid, self.uid)
+        process.wait()
+
+
+def _watch(process: subprocess.Popen, guard: _Guard, deadline: float, timeout_error: str,
+           wait: Callable[[float], None]) -> _Verdict | None:
+    """Wait for `process` a poll at a time, ending it when the guard says so; then kill what is left.
+    None when it exited by itself."""
     try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return True
-            if selector.select(timeout=min(remaining, 0.2)):
-                chunk = os.read(channel, 1 << 16)
-                if not chunk:
-                    selector.unregister(channel)
-                pending = _relay(pending + chunk, run, on_progress)
-            if process.poll() is not None:
-                return False
+        while process.poll() is None:
+            verdict = guard.check(process, deadline, timeout_error)
+            if verdict is not None:
+                return verdict
+            wait(max(0.0, min(POLL_S, deadline - time.monotonic())))
+        return None
     finally:
-        _kill_group(process)
-        selector.close()
+        guard.end(process)
+
+
+class _Channel:
+    """The trainer's progress pipe: lines are relayed to the run record and `on_progress` as they come."""
+
+    def __init__(self, fd: int, run: _Run, on_progress: ProgressCallback | None):
+        self.fd = fd
+        self.run = run
+        self.on_progress = on_progress
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(fd, selectors.EVENT_READ)
+        self.pending = b""
+
+    def wait(self, timeout: float) -> None:
+        """Relay what arrives within `timeout`; after the end of the pipe, just sleep."""
+        if not self.selector.get_map():
+            time.sleep(timeout)
+            return
+        if self.selector.select(timeout=timeout):
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                self.selector.unregister(self.fd)
+            self.pending = _relay(self.pending + chunk, self.run, self.on_progress)
+
+    def close(self) -> None:
+        self.selector.close()
 
 
 def _relay(buffer: bytes, run: _Run, on_progress: ProgressCallback | None) -> bytes:
@@ -246,26 +401,37 @@ def _relay(buffer: bytes, run: _Run, on_progress: ProgressCallback | None) -> by
     return rest
 
 
-def _evaluate(context_path: Path, workspace: Path, log_path: Path, allowance: float) -> Evaluation:
-    with open(log_path, "ab") as log:
-        evaluator = _spawn("shared.target.evaluate", context_path, workspace, log, stdout=subprocess.PIPE)
-    try:
-        out, _ = evaluator.communicate(timeout=allowance)
-    except subprocess.TimeoutExpired:
-        return Evaluation(status="timeout", error=f"evaluation exceeded {allowance:.0f} s")
-    finally:
-        _kill_group(evaluator)
-    lines = out.strip().splitlines()
+def _evaluate(launcher: _Launcher, guard: _Guard, allowance: float) -> Evaluation:
+    output = launcher.run_dir / "evaluation.json"  # a file, not a pipe: the supervisor polls instead of reading
+    with open(launcher.log_path, "ab") as log, open(output, "wb") as out:
+        evaluator = launcher.spawn("shared.target.evaluate", log, stdout=out)
+    verdict = _watch(evaluator, guard, time.monotonic() + allowance, f"evaluation exceeded {allowance:.0f} s",
+                     lambda timeout: _wait(evaluator, timeout))
+    if verdict is not None:
+        return Evaluation(status=verdict.status, error=verdict.error)
+    lines = output.read_bytes().strip().splitlines()
     if evaluator.returncode != 0 or not lines:
-        return Evaluation(status="crashed", error=f"evaluation process exited with code {evaluator.returncode}")
+        return Evaluation(status="crashed", error=_exit_reason("evaluation process", "the evaluation",
+                                                               evaluator.returncode, launcher.log_path,
+                                                               launcher.limits))
     return msgspec.json.decode(lines[-1], type=Evaluation)
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    """Kill the process and everything it started (it leads its own process group)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+def _wait(process: subprocess.Popen, timeout: float) -> None:
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout)
+
+
+def _exit_reason(process: str, subject: str, code: int, log_path: Path, limits: Limits) -> str:
+    """Why a run process failed, naming the limit it hit when its log or exit status tells."""
+    exited = f"{process} exited with code {code}"
+    hit = limit_hit(subject, code, _tail(log_path), limits)
+    return f"{hit} ({exited})" if hit else exited
+
+
+def _failure_tail(status: Status, log_path: Path) -> str | None:
+    """The log tail, for a run whose code failed; not for one that was judged or stopped on request."""
+    return None if status in ("ok", "aborted") else _tail(log_path)
 
 
 def _tail(log_path: Path) -> str:

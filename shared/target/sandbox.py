@@ -3,6 +3,7 @@
 Landlock needs no privileges, only a kernel that has it (Linux >= 5.13; TCP rules from ABI 4,
 signal scoping from ABI 6). Where it is missing, `confine` returns "none" and the run records that
 it was unconfined. Rules are an allow-list: paths the process may read, and paths it may write.
+It has no rules for UDP or for pathname unix sockets; limits.py says what that leaves open.
 Paths under `hidden` stay unreadable even when a readable root contains them: the rule for that
 root is replaced by rules for its siblings, recursively down to the hidden path.
 """

@@ -1,0 +1,315 @@
+"""Resource limits of one training run: what they are, how the run's processes start under them, how
+the supervisor (runner.py) checks them while the run lives and kills everything of the run at its end.
+
+Each run process (trainer, evaluator) starts through `preexec`, before any code of train.py exists:
+- memory: RLIMIT_AS on CPU (importing torch and training the CPU target peaks at about 1.2 GB of
+  address space). Not on CUDA, whose driver reserves far more address space than it uses. There, and
+  as a second line everywhere, the supervisor sums the resident memory (VmRSS) of the run's processes
+  at every poll and kills the run at the limit (`breach`). VmRSS counts a shared page once in each
+  process that maps it, so the sum errs high.
+- tasks: RLIMIT_NPROC, which counts the threads and processes of a user. The kernel does not apply it
+  to root, so a root supervisor runs each run as a dedicated uid, RUN_UID_BASE + slot, that owns only
+  the run's workspace. Every process of that uid is the run's, which is also how the run is killed
+  when it has escaped its process group with setsid (`reap`). Concurrent runs need distinct slots.
+- file size (RLIMIT_FSIZE), open files (RLIMIT_NOFILE), no core dumps (RLIMIT_CORE = 0).
+- PR_SET_PDEATHSIG = SIGKILL: the process dies with the supervisor, even after a kill -9 of it.
+
+Reading files: the dedicated uid keeps a single capability, CAP_DAC_READ_SEARCH (read any file),
+because the Python install, the target and the data root need not be readable by other users (under
+/root or pytest's 0700 tmp). What the run may read is Landlock's allow-list (sandbox.py), which binds
+capabilities as well (it also refuses open_by_handle_at outside the list). Without Landlock the run
+reads every file, as it did when it ran as root, but writes only where any user may.
+
+Network (Landlock, sandbox.py): TCP bind and connect are refused (ABI >= 4); UDP is not restricted
+(datagrams go anywhere, so DNS over UDP resolves, and can carry data out); abstract unix sockets
+outside the run are refused (ABI >= 6); a pathname unix socket can be connected to when its file
+mode lets the run's uid write it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import resource
+import signal
+import stat
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+RUN_UID_BASE = 61000
+"""A root supervisor runs the processes of slot s as uid and gid RUN_UID_BASE + s."""
+MAX_SLOTS = 1000
+AUTO_MEMORY_SHARE = 0.6
+"""memory_mb = 0 gives a run this share of physical memory (set it explicitly for concurrent runs)."""
+SLOT_LOCKS = "/tmp/autoresearch-run-uid{uid}.lock"
+REAP_ROUNDS = 20
+REAP_PAUSE_S = 0.05
+
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_KEEPCAPS = 1, 4, 8
+_PR_SET_NO_NEW_PRIVS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 38, 47, 2
+_CAP_DAC_READ_SEARCH = 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """What one run may use. The process limit counts threads too: a CPU run's trainer has four."""
+
+    memory_mb: int = 0
+    """Memory of the run's processes together (address space per process on CPU); 0: 60% of RAM."""
+    processes: int = 64
+    """Tasks (processes and threads) the run may have at once; reaching it ends the run."""
+    file_size_mb: int = 2048
+    """Largest file a run process may write (the exported model is one)."""
+    open_files: int = 1024
+    """File descriptors per process."""
+
+    @property
+    def memory_bytes(self) -> int:
+        if self.memory_mb > 0:
+            return self.memory_mb << 20
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * AUTO_MEMORY_SHARE)
+
+
+def run_uid(slot: int) -> int | None:
+    """The dedicated uid of a slot's runs when the supervisor is root; None when it runs as itself."""
+    if not 0 <= slot < MAX_SLOTS:
+        raise ValueError(f"slot must be in [0, {MAX_SLOTS}), got {slot}")
+    return RUN_UID_BASE + slot if os.geteuid() == 0 else None
+
+
+def check_can_run_as(uid: int) -> None:
+    """Fail clearly, before anything starts, where the run's processes could not start as `uid`."""
+    if not _uid_mapped(uid):
+        raise RuntimeError(f"uid {uid} is not mapped in this user namespace; runs cannot drop root here")
+    python = Path(sys.executable).resolve()
+    if not python.stat().st_mode & stat.S_IXOTH:
+        raise RuntimeError(f"{python} is not executable by other users, so the run's uid {uid} cannot start it")
+
+
+@contextlib.contextmanager
+def hold_slot(uid: int | None) -> Iterator[None]:
+    """Hold a dedicated uid for one run. Supervisors on one machine that share a slot take turns
+    instead of killing each other's runs (each kills whatever its uid runs, before and after)."""
+    if uid is None:
+        yield
+        return
+    lock = os.open(SLOT_LOCKS.format(uid=uid), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(lock)
+
+
+def hand_over(workspace: Path, uid: int) -> None:
+    """Give the run's uid the workspace the supervisor made for it (its only writable folder)."""
+    for path in (workspace, *workspace.iterdir()):
+        os.chown(path, uid, uid, follow_symlinks=False)
+
+
+def preexec(limits: Limits, device: str, uid: int | None) -> Callable[[], None]:
+    """The function a run process runs between fork and exec (subprocess's preexec_fn).
+
+    RLIMIT_NPROC is checked against every task of the process's real uid, so it is set to the tasks
+    that uid has now plus `limits.processes`. With a dedicated uid that is the run's own allowance
+    (plus zombies of earlier runs not yet reaped by init). Without one (a non-root supervisor) the
+    run shares the count with everything else of that user: processes the user starts meanwhile
+    take from the run's allowance, and a run's processes that called setsid are out of reach of the
+    final kill (only the process group is killed).
+    """
+    parent = os.getpid()
+    nproc = _tasks_of(os.getuid() if uid is None else uid) + limits.processes
+    memory = limits.memory_bytes
+
+    def apply() -> None:
+        if device == "cpu":  # CUDA reserves huge virtual ranges; the supervisor's VmRSS poll covers it
+            _limit(resource.RLIMIT_AS, memory)
+        _limit(resource.RLIMIT_FSIZE, limits.file_size_mb << 20)
+        _limit(resource.RLIMIT_NOFILE, limits.open_files)
+        _limit(resource.RLIMIT_CORE, 0)
+        _limit(resource.RLIMIT_NPROC, nproc)
+        if uid is not None:
+            _become(uid)
+        _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # no setuid binary gives root back, Landlock or not
+        # Credential changes clear the parent-death signal, so it comes after them; a supervisor that
+        # died before this line would never send it, hence the check of who the parent is now.
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return apply
+
+
+def _limit(which: int, value: int) -> None:
+    """Set soft and hard limit to `value`, never above a hard limit the supervisor itself is under."""
+    _, hard = resource.getrlimit(which)
+    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
+    resource.setrlimit(which, (value, value))
+
+
+def _become(uid: int) -> None:
+    """Turn this (root) process into `uid`, keeping only CAP_DAC_READ_SEARCH, across exec too."""
+    _prctl(_PR_SET_KEEPCAPS, 1)  # keep the permitted set through setuid, to keep one capability of it
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    _capset(1 << _CAP_DAC_READ_SEARCH)
+    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, _CAP_DAC_READ_SEARCH)  # ambient: survives exec of python
+    # The uid change made /proc/self root's; CUDA writes there when it starts (confine.py).
+    _prctl(_PR_SET_DUMPABLE, 1)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _capset(capabilities: int) -> None:
+    """Make `capabilities` (caps 0-31) this process's effective, permitted and inheritable sets."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)(_CapData(capabilities, capabilities, capabilities), _CapData(0, 0, 0))
+    if _libc.capset(ctypes.byref(header), data) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+def _prctl(option: int, *args: int) -> None:
+    padded = [ctypes.c_ulong(a) for a in (*args, 0, 0, 0, 0)[:4]]
+    if _libc.prctl(ctypes.c_int(option), *padded) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One process as /proc shows it."""
+
+    pid: int
+    uid: int
+    pgid: int
+    threads: int
+    resident_kb: int
+    zombie: bool
+
+
+def _processes() -> Iterator[_Task]:
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status", "rb") as status:
+                fields = dict(line.split(b":", 1) for line in status.read().splitlines() if b":" in line)
+        except OSError:  # it ended while we looked
+            continue
+        yield _Task(
+            pid=int(entry.name),
+            uid=int(fields[b"Uid"].split()[0]),  # real uid: the one RLIMIT_NPROC counts
+            pgid=int(fields[b"NSpgid"].split()[0]),
+            threads=int(fields[b"Threads"]),
+            resident_kb=int(fields.get(b"VmRSS", b"0").split()[0]),  # kernel threads and zombies have none
+            zombie=fields[b"State"].split()[0] in (b"Z", b"X"),
+        )
+
+
+def _tasks_of(uid: int) -> int:
+    return sum(task.threads for task in _processes() if task.uid == uid)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a run's live processes hold now."""
+
+    resident_mb: float
+    tasks: int
+
+
+def usage(pgid: int, uid: int | None) -> Usage:
+    """The run's processes: its process group, and every process of its dedicated uid if it has one."""
+    mine = [t for t in _processes() if not t.zombie and (t.pgid == pgid or (uid is not None and t.uid == uid))]
+    return Usage(resident_mb=sum(t.resident_kb for t in mine) / 1024, tasks=sum(t.threads for t in mine))
+
+
+def breach(now: Usage, limits: Limits) -> str | None:
+    """Why the run must be killed now, or None. Tasks first: a fork bomb's copies also add up resident."""
+    if now.tasks >= limits.processes:
+        return f"train.py hit the process limit of {limits.processes} tasks"
+    if now.resident_mb * 2**20 > limits.memory_bytes:
+        return f"run exceeded its memory limit of {limits.memory_bytes >> 20} MB"
+    return None
+
+
+_SIGNS = {
+    # The last line of a failed process's log, as Python or the C++ runtime writes it at each limit.
+    "memory": ("MemoryError", "Cannot allocate memory", "can't allocate memory", "std::bad_alloc"),
+    "processes": ("Resource temporarily unavailable", "can't start new thread"),  # fork/clone: EAGAIN
+    "file size": ("File too large",),  # Python ignores SIGXFSZ, so the write fails with EFBIG
+    "open files": ("Too many open files",),
+}
+
+
+def limit_hit(subject: str, returncode: int, log_tail: str, limits: Limits) -> str | None:
+    """Which limit a process that failed by itself ran into, when its exit or last log line tells."""
+    lines = [line for line in log_tail.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    if "CUDA out of memory" in last:  # torch.OutOfMemoryError: the GPU's memory, not a limit of ours
+        return None
+    if any(sign in last for sign in _SIGNS["memory"]):
+        return f"{subject} hit the memory limit of {limits.memory_bytes >> 20} MB"
+    if any(sign in last for sign in _SIGNS["processes"]):
+        return f"{subject} hit the process limit of {limits.processes} tasks"
+    if returncode == -signal.SIGXFSZ or any(sign in last for sign in _SIGNS["file size"]):
+        return f"{subject} hit the file size limit of {limits.file_size_mb} MB"
+    if any(sign in last for sign in _SIGNS["open files"]):
+        return f"{subject} hit the open file limit of {limits.open_files}"
+    return None
+
+
+def end_run(pgid: int, uid: int | None) -> None:
+    """Kill the run's process group, and every process of its dedicated uid."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    if uid is not None:
+        reap(uid)
+
+
+def reap(uid: int) -> bool:
+    """Kill every process of `uid`, in whatever process group or session. True once none is alive."""
+    for _ in range(REAP_ROUNDS):
+        if not any(t.uid == uid and not t.zombie for t in _processes()):
+            return True
+        _kill_all_as(uid)
+        time.sleep(REAP_PAUSE_S)  # SIGKILLed processes take a moment to release their memory and exit
+    return not any(t.uid == uid and not t.zombie for t in _processes())
+
+
+def _kill_all_as(uid: int) -> None:
+    """kill(-1) from a child that is `uid`: the kernel signals exactly that uid's processes, all at once,
+    so a fork bomb cannot outrun a scan of /proc."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def _uid_mapped(uid: int) -> bool:
+    try:
+        lines = Path("/proc/self/uid_map").read_text().splitlines()
+    except OSError:
+        return True
+    ranges = [tuple(map(int, line.split())) for line in lines if line.strip()]
+    return any(inside <= uid < inside + count for inside, _, count in ranges)
