@@ -1,10 +1,10 @@
-# Two commands on a fresh machine: `make test` and (from the loop issue on) `make up`.
+# Two commands on a fresh machine: `make up` runs the loop, `make test` checks it.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint clean
+.PHONY: install up down test bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,9 +14,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+up: $(STAMP)
+	$(BIN)/autoresearch up
+
+down: $(STAMP)
+	$(BIN)/autoresearch down
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,5 +1,10 @@
 """`autoresearch`: the command line.
 
+    autoresearch up                                          NATS + every service; Ctrl-C stops them
+    autoresearch down | status                               stop the stack / where the loop stands
+    autoresearch tail 'run.>'                                print events as they are published
+    autoresearch sql "SELECT * FROM experiments"             read-only SQL on the ledger
+    autoresearch replay                                      rebuild the ledger's projections from its log
     autoresearch target prepare targets/cpu_gpt              build the tokenized data (cached)
     autoresearch target run targets/cpu_gpt [--budget-steps N | --budget-tokens N | --budget-seconds S]
     autoresearch target download climbmix --shards 8        fetch parquet shards (needs internet)
@@ -8,11 +13,23 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import msgspec
+import nats
 
+from services.ledger.main import replay
+from services.ledger.sql import QueryResult
+from services.ledger.store import Ledger
+from shared import queries, stack
+from shared.bus import Bus
+from shared.config import Config, ConfigError, load_config
 from shared.target.config import TargetError, load_target
 from shared.target.data import DOWNLOADABLE, download, prepare
 from shared.target.records import Budget, Progress
@@ -56,10 +73,134 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    return stack.up(load_config())
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    return stack.down(load_config())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = load_config()
+    running = stack.running_stack(config)
+    if running is None:
+        print(f"stack: down; ledger file {config.ledger_path}")
+        state = _offline_ledger(config).state()
+    else:
+        print(f"stack: up (pid {running.pid}), NATS {', '.join(running.nats_urls)}")
+        state = asyncio.run(_ask_state(running.nats_urls))
+    best = "-" if state.bpb_star is None else f"{state.bpb_star:.4f} (c* {state.c_star_sha256[:12]})"
+    sigma = "-" if state.sigma_h is None else f"{state.sigma_h:.4f}"
+    print(f"experiments: {state.experiments} proposed, {state.finished} finished, {state.outstanding} outstanding")
+    print(f"best val-bpb: {best}; sigma_h {sigma}; {state.since_best} finished since the last new best")
+    print(f"ledger at stream seq {state.cursor}")
+    return 0
+
+
+async def _ask_state(urls: list[str]) -> queries.LedgerState:
+    bus = await Bus.connect(urls, "cli/status")
+    try:
+        return await bus.request(queries.STATE, queries.StateRequest(), queries.LedgerState, timeout=10)
+    finally:
+        await bus.close()
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    config = load_config()
+    running = stack.running_stack(config)
+    urls = running.nats_urls if running else config.nats.urls
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_tail(urls, args.subject))
+    return 0
+
+
+async def _tail(urls: list[str], subject: str) -> None:
+    nc = await nats.connect(servers=urls, name="cli/tail", max_reconnect_attempts=-1)
+    subscription = await nc.subscribe(subject)
+    print(f"tailing {subject} on {', '.join(urls)} (Ctrl-C stops)", file=sys.stderr)
+    async for message in subscription.messages:
+        print(f"[{message.subject}] {message.data.decode('utf-8', errors='replace')}", flush=True)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    sql = sys.stdin.read() if args.query == "-" else args.query
+    config = load_config()
+    running = stack.running_stack(config)
+    result = _sql_over_http(running.http_port, sql) if running else _offline_ledger(config).query(sql)
+    if args.json:
+        for row in result.rows:
+            print(json.dumps(dict(zip(result.columns, row, strict=True)), default=str))
+    else:
+        _print_table(result.columns, result.rows)
+    if result.truncated:
+        print(f"(only the first {len(result.rows)} rows)", file=sys.stderr)
+    return 0
+
+
+def _sql_over_http(port: int, sql: str) -> QueryResult:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/sql", data=json.dumps({"sql": sql}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return msgspec.json.decode(response.read(), type=QueryResult)
+    except urllib.error.HTTPError as error:
+        raise ValueError(json.loads(error.read()).get("detail", str(error))) from None
+
+
+def _print_table(columns: list[str], rows: list[list]) -> None:
+    cells = [columns] + [["NULL" if value is None else str(value) for value in row] for row in rows]
+    widths = [min(60, max(len(row[i]) for row in cells)) for i in range(len(columns))]
+    for index, row in enumerate(cells):
+        print("  ".join(value[:60].ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    config = load_config()
+    running = stack.running_stack(config)
+    if running:
+        reply = asyncio.run(_ask_replay(running.nats_urls))
+    else:
+        ledger = _offline_ledger(config, read_only=False)
+        reply = replay(ledger)
+        ledger.close()
+    print(f"projections rebuilt from the log in {reply.seconds:.2f} s: "
+          + ", ".join(f"{table} {rows}" for table, rows in reply.rows.items()))
+    return 0
+
+
+async def _ask_replay(urls: list[str]) -> queries.ReplayReply:
+    bus = await Bus.connect(urls, "cli/replay")
+    try:
+        return await bus.request(queries.REPLAY, queries.ReplayRequest(), queries.ReplayReply, timeout=600)
+    finally:
+        await bus.close()
+
+
+def _offline_ledger(config: Config, read_only: bool = True) -> Ledger:
+    if not config.ledger_path.is_file():
+        raise FileNotFoundError(f"no ledger at {config.ledger_path}: run `autoresearch up` first")
+    return Ledger(config.ledger_path, read_only=read_only)
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="autoresearch", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = top.add_subparsers(dest="command", required=True)
+    commands.add_parser("up", help="start NATS and every service; Ctrl-C stops them").set_defaults(handler=cmd_up)
+    commands.add_parser("down", help="stop a running stack").set_defaults(handler=cmd_down)
+    commands.add_parser("status", help="where the loop stands").set_defaults(handler=cmd_status)
+    tail = commands.add_parser("tail", help="print events as they are published")
+    tail.add_argument("subject", nargs="?", default=">", help="subject pattern, e.g. 'run.>' (default: all)")
+    tail.set_defaults(handler=cmd_tail)
+    sql = commands.add_parser("sql", help="read-only SQL on the ledger (tables: experiments, champions, ...)")
+    sql.add_argument("query", help="one SELECT statement, or - to read it from stdin")
+    sql.add_argument("--json", action="store_true", help="one JSON object per row")
+    sql.set_defaults(handler=cmd_sql)
+    commands.add_parser("replay", help="drop the ledger's projections and rebuild them from its event log"
+                        ).set_defaults(handler=cmd_replay)
     target = commands.add_parser("target", help="research targets: prepare data, run one experiment")
     verbs = target.add_subparsers(dest="verb", required=True)
 
@@ -92,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (TargetError, OSError, ValueError, RuntimeError) as error:
+    except (TargetError, ConfigError, OSError, ValueError, RuntimeError, TimeoutError) as error:
         print(f"autoresearch: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,65 @@
+"""The ledger's read-only HTTP API, for post-hoc analysis while the loop runs.
+
+    GET  /health       {"ok": true, "cursor": <last stream sequence committed>}
+    GET  /state        s_t as the proposer sees it (shared.queries.LedgerState)
+    GET  /experiments  the latest experiments, newest first (?limit=, at most 1000)
+    POST /sql          {"sql": "SELECT ..."} -> {"columns", "rows", "truncated"}; a refused or failing
+                       query is a 400 with the reason, a query over the time limit a 408
+
+The endpoints are plain `def`: FastAPI runs them in its thread pool, so DuckDB never blocks the event
+loop, and each call reads through a cursor of its own (store.Ledger), never the appender's connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import duckdb
+import msgspec
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from services.ledger.sql import QueryRefused
+from services.ledger.store import Ledger
+
+MAX_EXPERIMENTS = 1000
+
+
+class SqlRequest(BaseModel):
+    sql: str
+    max_rows: int = 10_000
+
+
+def _json(value: Any) -> Response:
+    """msgspec encodes the Structs directly (and datetimes as RFC 3339)."""
+    return Response(msgspec.json.encode(value), media_type="application/json")
+
+
+def create_app(ledger: Ledger) -> FastAPI:
+    app = FastAPI(title="AutoResearch-RL ledger", description="Read-only view of the experiment ledger.")
+
+    @app.get("/health")
+    def health() -> Response:
+        return _json({"ok": True, "cursor": ledger.cursor})
+
+    @app.get("/state")
+    def state() -> Response:
+        return _json(ledger.state())
+
+    @app.get("/experiments")
+    def experiments(limit: int = Query(100, ge=1, le=MAX_EXPERIMENTS)) -> Response:
+        return _json(ledger.experiments(limit))
+
+    @app.post("/sql")
+    def sql(request: SqlRequest) -> Response:
+        try:
+            return _json(ledger.query(request.sql, max(1, min(request.max_rows, 10_000))))
+        except QueryRefused as refusal:
+            raise HTTPException(400, f"refused: {refusal}") from None
+        except TimeoutError as error:
+            raise HTTPException(408, str(error)) from None
+        except duckdb.Error as error:
+            raise HTTPException(400, f"{type(error).__name__}: {error}") from None
+
+    return app

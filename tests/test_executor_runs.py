@@ -1,0 +1,34 @@
+"""The executor's pure decisions: divergence, progress throttling, run ids, unrun results."""
+
+from __future__ import annotations
+
+from services.executor.runs import DivergenceGuard, ProgressThrottle, run_id_for, unrun_result
+from shared.events import RunFinished, decode, encode, new_id, now
+from shared.target.records import Budget, Progress
+
+
+def training(step: int, loss: float | None, nonfinite: bool = False) -> Progress:
+    return Progress(phase="training", step=step, train_loss=loss, nonfinite_loss=nonfinite)
+
+
+def test_divergence_guard_flags_nan_and_explosions_only():
+    guard = DivergenceGuard()
+    assert guard.check(training(0, None)) is None  # no loss yet
+    assert [guard.check(training(step, loss)) for step, loss in enumerate([7.6, 9.0, 5.0, 15.1], 1)] == [None] * 4
+    assert "exploded to 15.3 at step 5" in guard.check(training(5, 15.3))
+    assert "non-finite at step 6" in DivergenceGuard().check(training(6, None, nonfinite=True))
+
+
+def test_throttle_admits_phase_changes_and_one_record_per_interval():
+    clock = iter([0.0, 0.1, 0.2, 1.3, 1.4, 1.5]).__next__
+    throttle = ProgressThrottle(1.0, clock)
+    phases = ["started", "training", "training", "training", "training", "evaluating"]
+    assert [throttle.admit(Progress(phase=phase)) for phase in phases] == [True, True, False, True, False, True]
+
+
+def test_each_delivery_is_its_own_run_and_ids_are_subject_safe():
+    assert run_id_for("a" * 64, 1) != run_id_for("a" * 64, 2)
+    result = unrun_result("invalid", "op 0: line 9999 is past the end", Budget("steps", 10), seed=0)
+    event = RunFinished(event_id=new_id(), producer="executor/t", ts=now(), run_id=run_id_for("a" * 64, 3),
+                        proposal_id="a" * 64, executor_id="executor/t", result=result)
+    assert decode(f"run.finished.{event.run_id}", encode(event)) == event

@@ -1,0 +1,203 @@
+"""The loop end to end: real nats-server, the three services as processes, the CPU target in
+deterministic budget mode; then kill -9 of the ledger and of the executor mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from conftest import make_target
+
+from bench.loop import Loop
+from shared.bus import Bus
+from shared.diffs import EMPTY_SHA256, code_sha256
+from shared.events import STREAM, EditOp, ProposalCreated, RunAborted, new_id, now
+
+FINISHED = "SELECT count(*) FROM experiments WHERE finished_seq IS NOT NULL"
+TRAINING = "SELECT count(*) FROM events WHERE kind = 'run.progress' AND payload->>'phase' = 'training'"
+MALFORMED = {
+    "proposal.created": b"{not json",
+    "run.progress.r1": b"\xff\xfe invalid utf-8",
+    "run.aborted.r1": b'{"event_id": 5}',
+    "run.finished.r1": b"[]",
+    "policy.updated": b"null",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> Path:
+    return make_target(tmp_path_factory.mktemp("loop_target"), small_corpus, progress_interval_s=0.05)
+
+
+async def _publish_raw(url: str, messages: dict[str, bytes]) -> None:
+    bus = await Bus.connect([url], "test")
+    for subject, data in messages.items():
+        await bus.js.publish(subject, data, stream=STREAM)
+    await bus.close()
+
+
+async def _publish(url: str, event: ProposalCreated) -> None:
+    bus = await Bus.connect([url], "test")
+    await bus.publish(event)
+    await bus.close()
+
+
+async def _last_seq(url: str) -> int:
+    bus = await Bus.connect([url], "test")
+    last = (await bus.js.stream_info(STREAM)).state.last_seq
+    await bus.close()
+    return last
+
+
+def assert_every_event_once(loop: Loop, url: str) -> None:
+    """Every stream message is in the ledger exactly once: as an event or as a recorded bad one."""
+    last = asyncio.run(_last_seq(url))
+    (events, distinct_seqs, distinct_ids), = loop.sql("SELECT count(*), count(DISTINCT seq), "
+                                                      "count(DISTINCT event_id) FROM events")
+    (bad,), = loop.sql("SELECT count(*) FROM bad_events")
+    assert events == distinct_seqs == distinct_ids
+    assert events + bad == last
+    doubled = loop.sql("SELECT proposal_id FROM events WHERE kind = 'run.finished' GROUP BY 1 HAVING count(*) > 1")
+    assert doubled == []
+
+
+def test_random_search_loop_end_to_end(nats_server, tiny: Path, tmp_path: Path):
+    loop = Loop(nats_server, tiny, tmp_path, PROPOSER_MAX_EXPERIMENTS=7).start()
+    baseline = (tiny / "train.py").read_text()
+    try:
+        loop.wait_for(lambda: loop.count("SELECT count(*) FROM experiments") >= 1, 120, "the baseline proposal")
+        asyncio.run(_publish_raw(nats_server.url, MALFORMED))
+        bad_reference = ProposalCreated(
+            event_id=new_id(), producer="test/1", ts=now(), proposal_id="bad-line-reference",
+            parent_code_sha256=code_sha256(baseline), ops=[EditOp("replace", 9999, 9999, "N_LAYER = 3\n")],
+            unified_diff="", policy="test", policy_version="0")
+        asyncio.run(_publish(nats_server.url, bad_reference))
+        loop.wait_for(lambda: loop.count(FINISHED) >= 7, 600, "seven finished experiments")
+        loop.wait_for(lambda: "TERMINATE" in loop.log("proposer"), 30, "the proposer to stop at max_experiments")
+        assert all(loop.alive(name) for name in ("ledger", "executor", "proposer"))
+    finally:
+        loop.stop()
+
+    assert_every_event_once(loop, nats_server.url)
+    bad = dict(loop.sql("SELECT subject, reason FROM bad_events"))
+    assert sorted(bad) == sorted(MALFORMED) and all(bad.values())
+    assert loop.log("executor").count("skipping malformed proposal") == 1  # termed, not redelivered
+
+    invalid, = loop.sql("SELECT status, error FROM experiments WHERE proposal_id = 'bad-line-reference'")
+    assert invalid[0] == "invalid" and "9999" in invalid[1]
+
+    rows = loop.sql("SELECT proposal_id, parent_code_sha256, status, val_bpb, is_new_best, code_sha256 "
+                    "FROM experiments WHERE policy = 'random-search' ORDER BY finished_seq")
+    assert len(rows) == 6
+    assert rows[0][1] == EMPTY_SHA256 and rows[0][2] == "ok" and rows[0][5] == code_sha256(baseline)
+    best = float("inf")
+    for _, _, status, val_bpb, is_new_best, _ in rows:  # c* moves only on a strict improvement
+        improved = status == "ok" and val_bpb < best
+        assert is_new_best == improved
+        best = min(best, val_bpb) if status == "ok" else best
+    champions = [value for value, in loop.sql("SELECT val_bpb FROM champions ORDER BY finished_seq")]
+    assert champions == sorted(champions, reverse=True) and len(set(champions)) == len(champions)
+    assert champions[-1] == best
+
+    for proposal_id, parent_sha, status, _, _, code_sha in rows[1:]:  # each mutation is one change to its parent
+        (parent,), = loop.sql(f"SELECT code FROM code_blobs WHERE sha256 = '{parent_sha}'")
+        (ops,), = loop.sql(f"SELECT payload->'ops' FROM events WHERE proposal_id = '{proposal_id}' "
+                           "AND kind = 'proposal.created'")
+        assert ops.count('"op"') == 1
+        if status == "ok":
+            (child,), = loop.sql(f"SELECT code FROM code_blobs WHERE sha256 = '{code_sha}'")
+            assert child != parent
+
+    tables = ("experiments", "champions", "code_blobs", "history")
+    before = {table: loop.sql(f"SELECT * FROM {table} ORDER BY ALL") for table in tables}
+    assert cli_in(loop, "replay") == 0
+    assert {table: loop.sql(f"SELECT * FROM {table} ORDER BY ALL") for table in tables} == before
+
+
+def cli_in(loop: Loop, *argv: str) -> int:
+    result = subprocess.run([sys.executable, "-m", "shared.cli", *argv], env=loop.env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.returncode
+
+
+def test_ledger_killed_mid_run_loses_nothing_and_doubles_nothing(nats_server, tiny: Path, tmp_path: Path):
+    loop = Loop(nats_server, tiny, tmp_path, PROPOSER_MAX_EXPERIMENTS=3).start()
+    try:
+        loop.wait_for(lambda: loop.count(TRAINING) >= 2, 180, "a run in training")
+        loop.kill("ledger")
+        time.sleep(1.0)  # events published now wait in the stream
+        loop.start("ledger")
+        loop.wait_for(lambda: loop.count(FINISHED) >= 3, 600, "three finished experiments")
+    finally:
+        loop.stop()
+    assert_every_event_once(loop, nats_server.url)
+    assert loop.sql("SELECT count(*), count(DISTINCT proposal_id) FROM experiments") == [(3, 3)]
+
+
+def test_executor_killed_mid_run_is_redelivered_and_run_once(nats_server, tiny: Path, tmp_path: Path):
+    loop = Loop(nats_server, tiny, tmp_path, PROPOSER_MAX_EXPERIMENTS=2).start()
+    try:
+        loop.wait_for(lambda: loop.count(TRAINING) >= 1, 180, "the first run in training")
+        loop.kill("executor")
+        deadline = time.monotonic() + 3
+        while _trainers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _trainers() == [], "the training child outlived its killed executor"
+        loop.start("executor")
+        loop.wait_for(lambda: loop.count(FINISHED) >= 2, 600, "two finished experiments")
+    finally:
+        loop.stop()
+    assert_every_event_once(loop, nats_server.url)
+    first, = loop.sql("SELECT run_id, status FROM experiments ORDER BY proposal_seq LIMIT 1")
+    assert first[0].endswith("-2") and first[1] == "ok"  # the second delivery ran it
+    runs = loop.sql("SELECT DISTINCT run_id FROM events WHERE kind = 'run.progress' ORDER BY 1")
+    assert [run for run, in runs if run.startswith(first[0][:-2])] == [first[0][:-2] + "-1", first[0]]
+
+
+def _trainers() -> list[str]:
+    found = subprocess.run(["pgrep", "-f", "shared.target.trainer"], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+def test_executor_obeys_run_aborted_within_a_second_and_aborts_a_diverged_loss(nats_server, tiny: Path,
+                                                                                tmp_path: Path):
+    loop = Loop(nats_server, tiny, tmp_path, EXECUTOR_BUDGET_AMOUNT=100_000).start("ledger", "executor")
+    baseline = (tiny / "train.py").read_text()
+    lr_line = next(n for n, line in enumerate(baseline.splitlines(), 1) if line.startswith("LEARNING_RATE ="))
+    long_run = ProposalCreated(event_id=new_id(), producer="test/1", ts=now(), proposal_id="long-run",
+                               parent_code_sha256=EMPTY_SHA256, ops=[EditOp("insert", 1, 0, baseline)],
+                               unified_diff="", policy="test", policy_version="0")
+    diverging = ProposalCreated(event_id=new_id(), producer="test/1", ts=now(), proposal_id="diverging",
+                                parent_code_sha256=code_sha256(baseline),
+                                ops=[EditOp("replace", lr_line, lr_line, "LEARNING_RATE = 1e6\n")],
+                                unified_diff="", policy="test", policy_version="0")
+    try:
+        loop.wait_for(lambda: loop.count("SELECT 1") == 1, 60, "the ledger (which creates the stream)")
+        asyncio.run(_publish(nats_server.url, long_run))
+        asyncio.run(_publish(nats_server.url, diverging))
+        loop.wait_for(lambda: loop.count(TRAINING) >= 1, 180, "the long run in training")
+        aborted_at = asyncio.run(_abort(nats_server.url, "long-run-1"))
+        loop.wait_for(lambda: loop.count(FINISHED) >= 2, 300, "both runs to end")
+    finally:
+        loop.stop()
+    (status, error, finished_at), = loop.sql("SELECT status, error, finished_at FROM experiments "
+                                             "WHERE proposal_id = 'long-run'")
+    assert status == "aborted" and "forecast 9.9" in error
+    assert (datetime.fromisoformat(finished_at) - aborted_at).total_seconds() < 1.5
+    (status, error), = loop.sql("SELECT status, error FROM experiments WHERE proposal_id = 'diverging'")
+    assert status == "aborted" and ("non-finite" in error or "exploded" in error), error
+
+
+async def _abort(url: str, run_id: str):
+    event = RunAborted(event_id=new_id(), producer="evaluator/test", ts=now(), run_id=run_id, at_train_s=1.0,
+                       forecast=9.9, forecast_low=9.0, forecast_high=10.0, threshold=2.0, statistic=5.0,
+                       boundary=3.0, commentary="forecast 9.9 cannot beat 2.0")
+    bus = await Bus.connect([url], "test")
+    await bus.publish(event)
+    await bus.close()
+    return event.ts.replace(tzinfo=None)
