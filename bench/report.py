@@ -16,7 +16,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def machine() -> dict[str, object]:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": str(torch.__version__),
             "platform": platform.platform(), "gpu": gpu}
 
 

@@ -20,6 +20,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 import nats
@@ -34,6 +35,8 @@ from shared.target.config import TargetError, load_target
 from shared.target.data import DOWNLOADABLE, download, prepare
 from shared.target.records import Budget, Progress
 from shared.target.runner import run_target
+
+T = TypeVar("T")
 
 
 def _budget(args: argparse.Namespace) -> Budget | None:
@@ -89,7 +92,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = _offline_ledger(config).state()
     else:
         print(f"stack: up (pid {running.pid}), NATS {', '.join(running.nats_urls)}")
-        state = asyncio.run(_ask_state(running.nats_urls))
+        state = asyncio.run(_ask(running.nats_urls, queries.STATE, queries.StateRequest(), queries.LedgerState, 10))
     best = "-" if state.bpb_star is None else f"{state.bpb_star:.4f} (c* {state.c_star_sha256[:12]})"
     sigma = "-" if state.sigma_h is None else f"{state.sigma_h:.4f}"
     print(f"experiments: {state.experiments} proposed, {state.finished} finished, {state.outstanding} outstanding")
@@ -98,10 +101,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _ask_state(urls: list[str]) -> queries.LedgerState:
-    bus = await Bus.connect(urls, "cli/status")
+async def _ask(urls: list[str], subject: str, request: msgspec.Struct, reply: type[T], timeout: float) -> T:
+    """One question to the running ledger."""
+    bus = await Bus.connect(urls, "cli")
     try:
-        return await bus.request(queries.STATE, queries.StateRequest(), queries.LedgerState, timeout=10)
+        return await bus.request(subject, request, reply, timeout=timeout)
     finally:
         await bus.close()
 
@@ -161,7 +165,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     config = load_config()
     running = stack.running_stack(config)
     if running:
-        reply = asyncio.run(_ask_replay(running.nats_urls))
+        reply = asyncio.run(_ask(running.nats_urls, queries.REPLAY, queries.ReplayRequest(), queries.ReplayReply, 600))
     else:
         ledger = _offline_ledger(config, read_only=False)
         reply = replay(ledger)
@@ -169,14 +173,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(f"projections rebuilt from the log in {reply.seconds:.2f} s: "
           + ", ".join(f"{table} {rows}" for table, rows in reply.rows.items()))
     return 0
-
-
-async def _ask_replay(urls: list[str]) -> queries.ReplayReply:
-    bus = await Bus.connect(urls, "cli/replay")
-    try:
-        return await bus.request(queries.REPLAY, queries.ReplayRequest(), queries.ReplayReply, timeout=600)
-    finally:
-        await bus.close()
 
 
 def _offline_ledger(config: Config, read_only: bool = True) -> Ledger:

@@ -112,6 +112,9 @@ def up(config: Config) -> int:
         for service in services:
             service.start()
         while not stopping.wait(0.5):
+            if server and server.process and server.process.poll() is not None:
+                _say(f"nats-server exited with code {server.process.returncode}; restarting it (see {server.log_file})")
+                server.start()
             for service in services:
                 service.check()
     finally:
