@@ -31,9 +31,12 @@ def overhead(budget_s: float = BUDGET_S, experiments: int = EXPERIMENTS) -> dict
             loop.stop()
             server.stop()
         rows = loop.sql("""
-            SELECT epoch(f.ts) - epoch(s.ts) AS wall_s, e.training_s, e.startup_s, e.total_s, e.status
+            WITH started AS (  -- the executor's own `started`, before it fetches the parent code
+                SELECT run_id, min(ts) AS ts FROM events
+                WHERE kind = 'run.progress' AND payload->>'phase' = 'started' GROUP BY run_id)
+            SELECT epoch(f.ts) - epoch(s.ts) AS wall_s, e.training_s, e.startup_s, e.total_s
             FROM experiments e
-            JOIN events s ON s.run_id = e.run_id AND s.kind = 'run.progress' AND s.payload->>'phase' = 'started'
+            JOIN started s ON s.run_id = e.run_id
             JOIN events f ON f.run_id = e.run_id AND f.kind = 'run.finished'
             WHERE e.status = 'ok' ORDER BY e.finished_seq""")
     walls = [row[0] for row in rows]

@@ -77,6 +77,7 @@ attempt("open val.bin", lambda: open({val!r}, "rb").read(16))
 attempt("list data root", lambda: os.listdir({root!r}))
 attempt("write outside workspace", lambda: open({root!r} + "/planted.txt", "w").write("x"))
 attempt("connect", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=2))
+attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"leak", ("127.0.0.1", {udp})))
 attempts["val files found"] = len(glob.glob({root!r} + "/**/val.bin", recursive=True))
 attempts["val path in environment"] = any("val.bin" in v for v in os.environ.values())
 raise SystemExit("probe results: " + repr(attempts))
@@ -86,17 +87,24 @@ raise SystemExit("probe results: " + repr(attempts))
 def test_training_cannot_read_the_val_split_write_outside_or_connect(tiny: Path, tmp_path: Path, data_root: Path):
     config = load_target(tiny).config
     data = prepare(config.corpus, config.tokenizer)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        source = HOSTILE.format(val=str(data.val_bin), root=str(data_root), port=listener.getsockname()[1])
+    with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket(type=socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        udp.setblocking(False)
+        source = HOSTILE.format(val=str(data.val_bin), root=str(data_root), port=listener.getsockname()[1],
+                                udp=udp.getsockname()[1])
         result = run_target(load_target(_variant(tiny, tmp_path, source)), budget=FEW_STEPS)
+        with pytest.raises(BlockingIOError):
+            udp.recv(16)
     assert result.status == "crashed"
     assert result.sandbox.startswith("landlock"), "these guarantees need a kernel with Landlock"
+    assert result.sandbox.endswith("+netns"), "UDP isolation needs network namespaces (a root supervisor)"
     probe = result.error_tail.split("probe results: ")[1]
     assert "LEAK" not in probe
     assert "'open val.bin': 'PermissionError'" in probe
     assert "'list data root': 'PermissionError'" in probe
     assert "'write outside workspace': 'PermissionError'" in probe
     assert "'connect': 'PermissionError'" in probe
+    assert "'udp': 'OSError'" in probe  # network unreachable: the run's own namespace has no interface up
     assert "'val files found': 0" in probe and "'val path in environment': False" in probe
     assert not (data_root / "planted.txt").exists()
 

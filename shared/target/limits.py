@@ -20,10 +20,13 @@ because the Python install, the target and the data root need not be readable by
 capabilities as well (it also refuses open_by_handle_at outside the list). Without Landlock the run
 reads every file, as it did when it ran as root, but writes only where any user may.
 
-Network (Landlock, sandbox.py): TCP bind and connect are refused (ABI >= 4); UDP is not restricted
-(datagrams go anywhere, so DNS over UDP resolves, and can carry data out); abstract unix sockets
-outside the run are refused (ABI >= 6); a pathname unix socket can be connected to when its file
-mode lets the run's uid write it.
+Network: where the supervisor may create namespaces (root, CAP_SYS_ADMIN), each run process gets a
+network namespace of its own, whose only interface is a loopback that is down: no TCP, UDP or DNS
+reaches anything, and the result's `sandbox` says `+netns`. Elsewhere Landlock (sandbox.py) is all
+there is: TCP bind and connect are refused (ABI >= 4), but UDP is not restricted (datagrams go
+anywhere, so DNS resolves and can carry data out). Either way abstract unix sockets outside the run
+are refused (ABI >= 6), and a pathname unix socket can be connected to when its file mode lets the
+run's uid write it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import os
 import resource
 import signal
@@ -55,6 +59,7 @@ REAP_PAUSE_S = 0.05
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_KEEPCAPS = 1, 4, 8
 _PR_SET_NO_NEW_PRIVS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 38, 47, 2
 _CAP_DAC_READ_SEARCH = 2
+_CLONE_NEWNET = 0x40000000
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -130,7 +135,11 @@ def preexec(limits: Limits, device: str, uid: int | None) -> Callable[[], None]:
     nproc = _tasks_of(os.getuid() if uid is None else uid) + limits.processes
     memory = limits.memory_bytes
 
+    isolate_network = network_namespaces()
+
     def apply() -> None:
+        if isolate_network and _libc.unshare(_CLONE_NEWNET) != 0:  # before giving up root, which it needs
+            os._exit(126)
         if device == "cpu":  # CUDA reserves huge virtual ranges; the supervisor's VmRSS poll covers it
             _limit(resource.RLIMIT_AS, memory)
         _limit(resource.RLIMIT_FSIZE, limits.file_size_mb << 20)
@@ -147,6 +156,16 @@ def preexec(limits: Limits, device: str, uid: int | None) -> Callable[[], None]:
             os._exit(1)
 
     return apply
+
+
+@functools.cache
+def network_namespaces() -> bool:
+    """Whether run processes can get a network namespace of their own (asked once, of a throwaway child)."""
+    child = os.fork()
+    if child == 0:
+        os._exit(0 if _libc.unshare(_CLONE_NEWNET) == 0 else 1)
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status) == 0
 
 
 def _limit(which: int, value: int) -> None:

@@ -41,6 +41,7 @@ from shared.target.limits import (
     hand_over,
     hold_slot,
     limit_hit,
+    network_namespaces,
     preexec,
     reap,
     run_uid,
@@ -129,7 +130,7 @@ def run_target(
             budget=str(budget),
             seed=seed,
             device=device,
-            sandbox=f"landlock-abi{abi_version()}" if abi_version() else "none",
+            sandbox=_sandbox_name(),
         ),
     )
     try:
@@ -189,6 +190,13 @@ def _train_and_judge(run: _Run, launcher: _Launcher, guard: _Guard, progress: tu
     evaluation = _evaluate(launcher, guard, eval_allowance)
     return run.result(evaluation.status, val_bpb=evaluation.val_bpb, eval_tokens=evaluation.eval_tokens,
                       error=evaluation.error, error_tail=_failure_tail(evaluation.status, log_path))
+
+
+def _sandbox_name() -> str:
+    parts = [f"landlock-abi{abi_version()}"] if abi_version() else []
+    if network_namespaces():
+        parts.append("netns")
+    return "+".join(parts) or "none"
 
 
 @dataclass
