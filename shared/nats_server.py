@@ -46,8 +46,9 @@ class EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         command = [binary(), "-js", "-sd", str(self.store_dir), "-a", "127.0.0.1", "-p", str(self.port),
                    "-l", str(self.log_file), *self.args]
+        # Own session: a Ctrl-C in the terminal reaches only the supervisor, which stops NATS last.
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

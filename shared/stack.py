@@ -62,8 +62,10 @@ class Service:
         self.restart_at = 0.0
 
     def start(self) -> None:
+        # Own session, like nats-server: on Ctrl-C the supervisor stops the services in order, NATS last.
         self.process = subprocess.Popen([sys.executable, "-m", f"services.{self.name}"], env=self.env,
-                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         self.started = time.monotonic()
         threading.Thread(target=_relay, args=(self.name, self.process.stdout), daemon=True).start()
 
