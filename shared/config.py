@@ -43,6 +43,9 @@ class Ledger(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The read-only HTTP API (SQL, state) on 127.0.0.1."""
     batch: int = 500
     """Events appended per transaction at most."""
+    confirm_sigmas: float = 2.0
+    """The keep gate: a run that beats bpb* by more than this many σ_noise becomes c* at once; a smaller
+    win is kept only once a repeat with a fresh seed confirms it. 0: any strict improvement is kept."""
 
 
 class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -57,7 +60,7 @@ class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A proposal whose executor went silent this long is redelivered."""
     max_deliver: int = 3
     """Deliveries of one proposal at most (then it is left unrun, recorded by the ledger)."""
-    progress_interval_s: float = 2.0
+    progress_interval_s: float = 1.0
     """run.progress events per run at most this often (phase changes always go out)."""
     memory_mb: int = 0
     """Per run; 0: 60% of physical memory divided by the slots."""
@@ -68,6 +71,8 @@ class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class Proposer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: int = 0
+    noise_repeats: int = 2
+    """Repeats of the baseline with fresh seeds, right after it: they measure σ_noise for the keep gate."""
     target_bpb: float = 0
     """TERMINATE once bpb* <= this (0: off). With every condition off the loop runs forever."""
     max_experiments: int = 0
@@ -76,12 +81,32 @@ class Proposer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Stop after this many finished experiments without a new best (0: off)."""
 
 
+class Evaluator(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    alpha: float = 0.5
+    """Tolerance of τ = bpb* + α·σ_h (eq. 7): a run is worth finishing while it may end at or below τ."""
+    beta: float = 0.05
+    """SPRT error rate: P(false abort of a run ending at or below τ) <= β/(1 − β) (eq. 8)."""
+    delta_sigma_h: float = 1.0
+    """The SPRT's alternative: the run ends this many σ_h above τ."""
+    look_fraction: float = 0.1
+    """A forecast and decision every this fraction of the budget (the paper's Δt = 30 s of T_max = 300 s)."""
+    min_fraction: float = 0.3
+    """No decision before this fraction of the budget."""
+    warmup_runs: int = 20
+    """Complete runs to calibrate on before any abort."""
+    audit_fraction: float = 0.05
+    """Runs never aborted (chosen by run id), so complete curves of every kind keep calibrating the forecast."""
+    calibration_runs: int = 300
+    """The most recent complete runs the forecast is calibrated on."""
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stack: Stack = Stack()
     nats: Nats = Nats()
     ledger: Ledger = Ledger()
     executor: Executor = Executor()
     proposer: Proposer = Proposer()
+    evaluator: Evaluator = Evaluator()
 
     @property
     def data_dir(self) -> Path:

@@ -16,7 +16,9 @@ from shared.target.records import Phase, RunResult
 
 SCHEMA_VERSION = 1
 STREAM = "EVENTS"
-STREAM_SUBJECTS = ["proposal.>", "run.>", "policy.>"]
+RUN_EVENTS = "run.>"
+"""Every run's progress, aborts and results (`autoresearch tail 'run.>'`)."""
+STREAM_SUBJECTS = ["proposal.>", RUN_EVENTS, "policy.>"]
 MAX_EVENT_BYTES = 1 << 20
 """Events larger than this are refused (code blobs and adapters go to the object store)."""
 
@@ -52,7 +54,15 @@ class EditOp(msgspec.Struct, frozen=True):
     text: str = ""
 
 
+Purpose = Literal["search", "noise", "confirm"]
+"""Why a proposal runs: search (an edit to judge), noise (a repeat of the baseline that measures
+σ_noise), confirm (a repeat of an unconfirmed best that decides whether it is kept)."""
+
+
 class ProposalCreated(Event, frozen=True, kw_only=True):
+    """An edit of train.py to run. A repeat (noise, confirm) has no ops: its parent is the code it re-runs.
+    The last three fields have defaults so that proposals logged before they existed still decode."""
+
     proposal_id: Id
     parent_code_sha256: Sha256
     ops: list[EditOp]
@@ -62,6 +72,11 @@ class ProposalCreated(Event, frozen=True, kw_only=True):
     logprob: float | None = None
     value: float | None = None
     rationale: str | None = None
+    seed: int | None = None
+    """The run's seed; None: the executor's configured seed."""
+    repeat_of: Id | None = None
+    """The proposal whose code this run re-runs (a repeat), else None."""
+    purpose: Purpose = "search"
 
 
 class RunProgress(Event, frozen=True, kw_only=True):
@@ -70,6 +85,8 @@ class RunProgress(Event, frozen=True, kw_only=True):
     executor_id: str
     phase: Phase
     elapsed_train_s: float
+    budget_used: float = 0.0
+    """Fraction of the run's budget spent, in [0, 1] (the evaluator's clock in every budget unit)."""
     step: int
     train_loss: float | None
     nonfinite_loss: bool = False
@@ -78,14 +95,17 @@ class RunProgress(Event, frozen=True, kw_only=True):
 
 
 class RunAborted(Event, frozen=True, kw_only=True):
+    """The evaluator's abort: its forecast of the final val-bpb with a 90% interval, the threshold τ (eq. 7),
+    the SPRT statistic and boundary (eq. 8), and one line saying why. A diverged run has no forecast (None)."""
+
     run_id: Id
     at_train_s: float
-    forecast: float
-    forecast_low: float
-    forecast_high: float
-    threshold: float
-    statistic: float
-    boundary: float
+    forecast: float | None
+    forecast_low: float | None
+    forecast_high: float | None
+    threshold: float | None
+    statistic: float | None
+    boundary: float | None
     commentary: str
 
 

@@ -25,6 +25,8 @@ STATE = "ledger.state"
 CODE = "ledger.code"
 FINISHED = "ledger.finished"
 REPLAY = "ledger.replay"
+CURVES = "ledger.curves"
+"""Training curves of finished runs (shared/curves.py): what the evaluator calibrates on."""
 
 
 class StateRequest(msgspec.Struct, frozen=True):
@@ -43,8 +45,27 @@ class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
     """recent (one of the last K), top (one of the best 5), or both."""
 
 
+class Candidate(msgspec.Struct, frozen=True, kw_only=True):
+    """An unconfirmed best: a search run that beat bpb* by less than confirm_sigmas·σ_noise (or while
+    σ_noise was unknown), waiting for a confirmation run of its code to decide whether it becomes c*."""
+
+    proposal_id: str
+    code_sha256: str
+    val_bpb: float
+    beat_by: float
+    """bpb* − val_bpb when it finished."""
+    sigma_noise: float | None
+    """σ_noise when it finished (None: not known yet)."""
+    confirmations: int
+    """Confirmation runs proposed so far."""
+    failed: int
+    """Of those, the ones that finished without a val_bpb (one is tried again, two refute it)."""
+
+
 class LedgerState(msgspec.Struct, frozen=True, kw_only=True):
-    """What the proposer (and later the evaluator and learner) need of the history, as of `cursor`."""
+    """What the proposer (and later the evaluator and learner) need of the history, as of `cursor`.
+
+    c* and bpb* are the keep gate's confirmed best (services/ledger/gate.py says how a run gets there)."""
 
     cursor: int
     experiments: int
@@ -58,6 +79,18 @@ class LedgerState(msgspec.Struct, frozen=True, kw_only=True):
     """Finished experiments since the last new best (for the plateau rule)."""
     first_proposed_at: datetime | None
     history: list[HistoryEntry]
+    confirm_sigmas: float = 0.0
+    """The keep gate's margin in σ_noise (0: off, every strict improvement is kept)."""
+    sigma_noise: float | None = None
+    """Pooled within-code standard deviation of ok val_bpb (None until some code has two ok runs)."""
+    noise_dof: int = 0
+    """Its degrees of freedom: Σ (ok runs − 1) over the codes."""
+    baseline_proposal_id: str | None = None
+    """The first proposal: the human baseline, which the noise repeats re-run."""
+    noise_runs: int = 0
+    """Noise repeats proposed so far."""
+    candidates: list[Candidate] = []
+    """Unconfirmed bests waiting for their confirmation, oldest first."""
 
 
 class CodeRequest(msgspec.Struct, frozen=True):

@@ -86,3 +86,17 @@ def test_unknown_subjects_and_mismatched_run_ids_are_refused():
     for name in ("run.progress", "run.nope.r1", "proposal.deleted", "policy.updated.x"):
         with pytest.raises(BadEvent, match="no event is defined"):
             decode(name, encode(progress))
+
+
+def test_repeats_round_trip_and_proposals_logged_before_them_still_decode():
+    repeat = ProposalCreated(event_id=new_id(), proposal_id="p2", parent_code_sha256="a" * 64, ops=[],
+                             unified_diff="", policy="random", policy_version="0", seed=7, repeat_of="p1",
+                             purpose="confirm", **COMMON)
+    assert decode(subject(repeat), encode(repeat)) == repeat
+    old = msgspec.json.decode(encode(EVENTS[0]))
+    for field in ("seed", "repeat_of", "purpose"):
+        del old[field]
+    decoded = decode("proposal.created", msgspec.json.encode(old))
+    assert decoded == EVENTS[0] and (decoded.seed, decoded.repeat_of, decoded.purpose) == (None, None, "search")
+    with pytest.raises(BadEvent, match="purpose"):
+        decode("proposal.created", msgspec.json.encode(old | {"purpose": "explore"}))

@@ -1,9 +1,11 @@
-"""The executor's pure decisions: divergence, progress throttling, run ids, unrun results."""
+"""The executor's pure decisions: divergence, progress throttling, run ids, seeds, unrun results."""
 
 from __future__ import annotations
 
-from services.executor.runs import DivergenceGuard, ProgressThrottle, run_id_for, unrun_result
-from shared.events import RunFinished, decode, encode, new_id, now
+import msgspec
+
+from services.executor.runs import DivergenceGuard, ProgressThrottle, run_id_for, seed_for, unrun_result
+from shared.events import ProposalCreated, RunFinished, decode, encode, new_id, now
 from shared.target.records import Budget, Progress
 
 
@@ -32,3 +34,10 @@ def test_each_delivery_is_its_own_run_and_ids_are_subject_safe():
     event = RunFinished(event_id=new_id(), producer="executor/t", ts=now(), run_id=run_id_for("a" * 64, 3),
                         proposal_id="a" * 64, executor_id="executor/t", result=result)
     assert decode(f"run.finished.{event.run_id}", encode(event)) == event
+
+
+def test_a_proposal_with_a_seed_runs_under_it_and_any_other_under_the_configured_one():
+    proposal = ProposalCreated(event_id=new_id(), producer="proposer/t", ts=now(), proposal_id="p", ops=[],
+                               parent_code_sha256="a" * 64, unified_diff="", policy="t", policy_version="0")
+    assert seed_for(proposal, configured=3) == 3
+    assert seed_for(msgspec.structs.replace(proposal, seed=11, purpose="noise"), configured=3) == 11

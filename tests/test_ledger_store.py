@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import random
 import statistics
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -20,6 +23,7 @@ from shared.events import (
     PolicyUpdated,
     PPOStats,
     ProposalCreated,
+    Purpose,
     RunAborted,
     RunFinished,
     RunProgress,
@@ -74,7 +78,7 @@ class Log:
         result = RunResult(status=status, val_bpb=val_bpb if status == "ok" else None, training_s=30.0, startup_s=2.0,
                            total_s=35.0, steps=100, tokens=6400, peak_mem_mb=120.0, num_params=1000,
                            code_sha256=code_sha256(code), corpus_sha256="c" * 64, tokenizer_id="byte", eval_tokens=4096,
-                           budget="30 seconds", seed=0, device="cpu", sandbox="none",
+                           budget="30 seconds", seed=proposal.seed or 0, device="cpu", sandbox="none",
                            error=None if status == "ok" else f"{status}!", error_tail=None)
         return RunFinished(event_id=new_id(), producer="executor/test", ts=now(), run_id=run_id,
                            proposal_id=proposal.proposal_id, executor_id="executor/test", result=result)
@@ -85,16 +89,28 @@ class Log:
                           forecast=1.61, forecast_low=1.59, forecast_high=1.63, threshold=1.52, statistic=3.1,
                           boundary=2.5, commentary=commentary)
 
+    @staticmethod
+    def repeat(code: str, of: ProposalCreated, purpose: Purpose, seed: int) -> ProposalCreated:
+        """A run of `code` again with another seed: no ops, the code itself as the parent."""
+        return ProposalCreated(event_id=new_id(), producer="proposer/test", ts=now(), proposal_id=new_id(),
+                               parent_code_sha256=code_sha256(code), ops=[], unified_diff="", policy="test",
+                               policy_version="v0", seed=seed, repeat_of=of.proposal_id, purpose=purpose)
+
     def experiment(self, parent: str, child: str, status: Status = "ok", val_bpb: float | None = 1.5,
                    progress: int = 3) -> tuple[ProposalCreated, list[Delivered]]:
         """A whole experiment: proposal, some progress, the end (and the abort before an aborted end)."""
         proposal = self.propose(parent, child)
+        return proposal, self.deliver(proposal) + self.run(proposal, child, status, val_bpb, progress)
+
+    def run(self, proposal: ProposalCreated, code: str, status: Status = "ok", val_bpb: float | None = 1.5,
+            progress: int = 3) -> list[Delivered]:
+        """The run of a proposal already delivered: some progress, the end (an abort before an aborted end)."""
         run_id = f"{proposal.proposal_id[:8]}-1"
-        events = [proposal, *(self.progress(proposal, run_id, step) for step in range(progress))]
+        events = [*(self.progress(proposal, run_id, step) for step in range(progress))]
         if status == "aborted":
             events.append(self.abort(run_id))
-        events.append(self.finish(proposal, run_id, child, status, val_bpb))
-        return proposal, self.deliver(*events)
+        events.append(self.finish(proposal, run_id, code, status, val_bpb))
+        return self.deliver(*events)
 
 
 @pytest.fixture
@@ -181,15 +197,16 @@ def test_bad_payloads_are_recorded_not_raised(ledger: Ledger):
     assert all(row[2] for row in bad)
 
 
-# -- c*, history, sigma_h ------------------------------------------------------------------------
+# -- c* and the keep gate ------------------------------------------------------------------------
 
 
-def test_c_star_moves_only_on_strict_improvement(ledger: Ledger):
+def test_gate_off_keeps_every_strict_improvement(tmp_path: Path):
+    ledger = Ledger(tmp_path / "ledger.duckdb", confirm_sigmas=0)
     log = Log()
     assert ledger.state().c_star_sha256 is None
     ledger.append(log.experiment("", BASELINE, val_bpb=1.50)[1])
     state = ledger.state()
-    assert (state.bpb_star, state.c_star_code, state.since_best) == (1.50, BASELINE, 0)
+    assert (state.bpb_star, state.c_star_code, state.since_best, state.confirm_sigmas) == (1.50, BASELINE, 0, 0)
 
     steps = [(variant(2), "ok", 1.60, 1.50, BASELINE),       # worse: revert
              (variant(3), "ok", 1.40, 1.40, variant(3)),      # better: keep
@@ -202,13 +219,183 @@ def test_c_star_moves_only_on_strict_improvement(ledger: Ledger):
         state = ledger.state()
         assert (state.bpb_star, state.c_star_code) == (bpb_star, c_star), child
         assert state.c_star_sha256 == code_sha256(c_star)
-    assert state.since_best == 3 and state.finished == 6 and state.outstanding == 0
+    assert state.since_best == 3 and state.finished == 6 and state.outstanding == 0 and state.candidates == []
     champions = ledger.query("SELECT val_bpb, improvement FROM champions ORDER BY finished_seq").rows
     assert champions[0] == [1.50, None] and champions[1][0] == 1.40
     assert champions[1][1] == pytest.approx(0.10)
-    statuses = ledger.query("SELECT status, abort_commentary IS NOT NULL FROM experiments ORDER BY proposal_seq").rows
-    assert [s for s, _ in statuses] == ["ok", "ok", "ok", "crashed", "aborted", "ok"]
-    assert [a for _, a in statuses] == [False, False, False, False, True, False]
+    statuses = ledger.query("SELECT status, abort_commentary IS NOT NULL, keep FROM experiments "
+                            "ORDER BY proposal_seq").rows
+    assert [s for s, _, _ in statuses] == ["ok", "ok", "ok", "crashed", "aborted", "ok"]
+    assert [a for _, a, _ in statuses] == [False, False, False, False, True, False]
+    assert [k for _, _, k in statuses] == ["new best", None, "new best", None, None, None]
+    ledger.close()
+
+
+def noisy_baseline(ledger: Ledger, log: Log, bpbs: tuple[float, ...] = (1.50, 1.51, 1.49)) -> ProposalCreated:
+    """The baseline, then its noise repeats with fresh seeds: σ_noise = 0.01 with the default values."""
+    baseline, batch = log.experiment("", BASELINE, val_bpb=bpbs[0])
+    ledger.append(batch)
+    for seed, bpb in enumerate(bpbs[1:], 1):
+        repeat = Log.repeat(BASELINE, baseline, "noise", seed)
+        ledger.append(log.deliver(repeat) + log.run(repeat, BASELINE, val_bpb=bpb))
+    return baseline
+
+
+def confirm(ledger: Ledger, log: Log, candidate: ProposalCreated, code: str, status: Status = "ok",
+            val_bpb: float | None = 1.5, seed: int = 7) -> ProposalCreated:
+    """Propose a confirmation of `candidate` and run it."""
+    repeat = Log.repeat(code, candidate, "confirm", seed)
+    ledger.append(log.deliver(repeat) + log.run(repeat, code, status, val_bpb))
+    return repeat
+
+
+def column(ledger: Ledger, proposal: ProposalCreated, name: str):
+    (value,), = ledger.query(f"SELECT {name} FROM experiments WHERE proposal_id = '{proposal.proposal_id}'").rows
+    return value
+
+
+def pooled_sd(groups: list[list[float]]) -> float:
+    return math.sqrt(sum(((np.array(g) - np.mean(g)) ** 2).sum() for g in groups) / sum(len(g) - 1 for g in groups))
+
+
+def test_sigma_noise_is_the_pooled_within_code_standard_deviation(ledger: Ledger):
+    log = Log()
+    state = ledger.state()
+    assert (state.sigma_noise, state.noise_dof, state.noise_runs, state.baseline_proposal_id) == (None, 0, 0, None)
+    baseline = noisy_baseline(ledger, log, (1.5013, 1.5102, 1.4931))
+    state = ledger.state()
+    assert (state.noise_dof, state.noise_runs, state.baseline_proposal_id) == (2, 2, baseline.proposal_id)
+    assert state.sigma_noise == pytest.approx(pooled_sd([[1.5013, 1.5102, 1.4931]]), rel=1e-12)
+
+    win, batch = log.experiment(BASELINE, variant(2), val_bpb=1.4472)  # a clear win: no candidate
+    ledger.append(batch)
+    for seed, status, bpb in [(3, "ok", 1.4618), (4, "crashed", None), (5, "ok", 1.4807)]:
+        repeat = Log.repeat(variant(2), win, "noise", seed)  # any repeat counts, crashed ones do not
+        ledger.append(log.deliver(repeat) + log.run(repeat, variant(2), status, bpb))
+    ledger.append(log.experiment(variant(2), variant(3), val_bpb=1.6)[1])  # one run of a code: no spread
+    state = ledger.state()
+    groups = [[1.5013, 1.5102, 1.4931], [1.4472, 1.4618, 1.4807]]
+    assert state.noise_dof == 4 and state.noise_runs == 5
+    assert state.sigma_noise == pytest.approx(pooled_sd(groups), rel=1e-12)
+    seeds = ledger.query("SELECT seed FROM experiments WHERE purpose = 'noise' ORDER BY proposal_seq").rows
+    assert seeds == [[1], [2], [3], [4], [5]]
+
+
+def test_a_clear_win_becomes_c_star_at_once(ledger: Ledger):
+    log = Log()
+    baseline = noisy_baseline(ledger, log)
+    state = ledger.state()
+    assert (state.bpb_star, state.c_star_code, state.confirm_sigmas) == (1.50, BASELINE, 2.0)
+    assert state.sigma_noise == pytest.approx(0.01)
+    win, batch = log.experiment(BASELINE, variant(2), val_bpb=1.47)  # beats bpb* by 0.03 > 2σ_noise = 0.02
+    ledger.append(batch)
+    state = ledger.state()
+    assert (state.bpb_star, state.c_star_code, state.since_best, state.candidates) == (1.47, variant(2), 0, [])
+    keeps = ledger.query("SELECT purpose, keep, is_new_best FROM experiments ORDER BY finished_seq").rows
+    assert keeps == [["search", "new best", True], ["noise", None, False], ["noise", None, False],
+                     ["search", "new best", True]]
+    assert column(ledger, win, "beat_by") == pytest.approx(0.03)
+    assert column(ledger, win, "sigma_noise") == pytest.approx(0.01)
+    champions = ledger.query("SELECT proposal_id, val_bpb, keep FROM champions ORDER BY finished_seq").rows
+    assert champions == [[baseline.proposal_id, 1.50, "new best"], [win.proposal_id, 1.47, "new best"]]
+
+
+def test_a_small_win_is_kept_only_once_a_repeat_confirms_it(ledger: Ledger):
+    log = Log()
+    noisy_baseline(ledger, log)
+    small, batch = log.experiment(BASELINE, variant(3), val_bpb=1.49)  # beats bpb* by 0.01 < 2σ_noise
+    ledger.append(batch)
+    state = ledger.state()
+    assert (state.bpb_star, state.c_star_code, state.since_best) == (1.50, BASELINE, 3)  # noise runs count
+    (candidate,) = state.candidates
+    assert (candidate.proposal_id, candidate.code_sha256, candidate.val_bpb) == (small.proposal_id,
+                                                                                 code_sha256(variant(3)), 1.49)
+    assert (candidate.confirmations, candidate.failed) == (0, 0)
+    assert candidate.beat_by == pytest.approx(0.01) and candidate.sigma_noise == pytest.approx(0.01)
+    assert ledger.query("SELECT count(*) FROM champions").rows == [[1]]
+    assert ledger.query("SELECT proposal_id, keep FROM candidates").rows == [[small.proposal_id, "unconfirmed"]]
+
+    repeat = Log.repeat(variant(3), small, "confirm", seed=7)
+    ledger.append(log.deliver(repeat))
+    assert ledger.state().candidates[0].confirmations == 1  # proposed, not finished: nothing decided yet
+    ledger.append(log.run(repeat, variant(3), val_bpb=1.485))
+    state = ledger.state()
+    assert (state.c_star_code, state.since_best, state.candidates) == (variant(3), 0, [])
+    assert state.bpb_star == pytest.approx(1.4875)  # the mean of its code's two runs
+    assert column(ledger, small, "keep") == "confirmed" and column(ledger, small, "is_new_best")
+    assert column(ledger, repeat, "keep") is None and not column(ledger, repeat, "is_new_best")
+    assert [column(ledger, repeat, name) for name in ("purpose", "repeat_of", "seed", "code_sha256")] == [
+        "confirm", small.proposal_id, 7, code_sha256(variant(3))]  # no ops: the code it repeats
+    last = ledger.query("SELECT proposal_id, val_bpb, keep, finished_seq, improvement FROM champions "
+                        "ORDER BY finished_seq DESC LIMIT 1").rows[0]
+    assert last[:3] == [small.proposal_id, pytest.approx(1.4875), "confirmed"]
+    assert last[3] == column(ledger, repeat, "finished_seq") and last[4] == pytest.approx(0.0125)
+    assert state.sigma_noise == pytest.approx(pooled_sd([[1.50, 1.51, 1.49], [1.49, 1.485]]))
+
+
+def test_a_small_win_that_a_repeat_does_not_confirm_is_refuted(ledger: Ledger):
+    log = Log()
+    noisy_baseline(ledger, log)
+    small, batch = log.experiment(BASELINE, variant(4), val_bpb=1.495)
+    ledger.append(batch)
+    confirm(ledger, log, small, variant(4), val_bpb=1.52)  # mean 1.5075: no better than bpb* 1.50
+    state = ledger.state()
+    assert (state.bpb_star, state.c_star_code, state.candidates, state.since_best) == (1.50, BASELINE, [], 4)
+    refuted = ledger.query("SELECT proposal_id, keep, keep_bpb FROM candidates").rows
+    assert refuted == [[small.proposal_id, "refuted", pytest.approx(1.5075)]]
+    assert ledger.query("SELECT count(*) FROM champions").rows == [[1]]
+
+
+def test_a_crashed_confirmation_is_tried_again_once(ledger: Ledger):
+    log = Log()
+    noisy_baseline(ledger, log)
+    lucky, batch = log.experiment(BASELINE, variant(5), val_bpb=1.49)
+    ledger.append(batch)
+    confirm(ledger, log, lucky, variant(5), "crashed", None)
+    (candidate,) = ledger.state().candidates
+    assert (candidate.confirmations, candidate.failed) == (1, 1) and column(ledger, lucky, "keep") == "unconfirmed"
+    confirm(ledger, log, lucky, variant(5), "ok", 1.48)  # the retry decides: mean 1.485 < 1.50
+    assert ledger.state().c_star_code == variant(5) and column(ledger, lucky, "keep") == "confirmed"
+
+    flaky, batch = log.experiment(variant(5), variant(6), val_bpb=1.48)
+    ledger.append(batch)
+    confirm(ledger, log, flaky, variant(6), "timeout", None)
+    confirm(ledger, log, flaky, variant(6), "crashed", None)  # two failures: refuted
+    state = ledger.state()
+    assert state.candidates == [] and state.c_star_code == variant(5)
+    assert column(ledger, flaky, "keep") == "refuted" and column(ledger, flaky, "keep_bpb") == 1.48
+
+
+def test_every_win_waits_for_its_confirmation_while_sigma_noise_is_unknown(ledger: Ledger):
+    log = Log()
+    ledger.append(log.experiment("", BASELINE, val_bpb=1.5)[1])  # no noise repeats: σ_noise unknown
+    big, batch = log.experiment(BASELINE, variant(2), val_bpb=1.2)
+    ledger.append(batch)
+    state = ledger.state()
+    assert state.sigma_noise is None and state.bpb_star == 1.5 and state.candidates[0].proposal_id == big.proposal_id
+    confirm(ledger, log, big, variant(2), val_bpb=1.22)
+    state = ledger.state()
+    assert state.c_star_code == variant(2) and state.bpb_star == pytest.approx(1.21)
+    assert state.sigma_noise == pytest.approx(pooled_sd([[1.2, 1.22]])) and state.noise_dof == 1
+
+
+def test_another_gate_replays_on_open_and_none_keeps_the_files(tmp_path: Path):
+    path, log = tmp_path / "ledger.duckdb", Log()
+    ledger = Ledger(path)
+    noisy_baseline(ledger, log)
+    small, batch = log.experiment(BASELINE, variant(3), val_bpb=1.49)
+    ledger.append(batch)
+    ledger.close()
+    for confirm_sigmas, keep, bpb_star in [(None, "unconfirmed", 1.50), (0, "new best", 1.49),
+                                           (None, "new best", 1.49), (2.0, "unconfirmed", 1.50)]:
+        ledger = Ledger(path, confirm_sigmas=confirm_sigmas)
+        state = ledger.state()
+        assert (column(ledger, small, "keep"), state.bpb_star) == (keep, bpb_star), confirm_sigmas
+        assert state.confirm_sigmas == (2.0 if keep == "unconfirmed" else 0)
+        ledger.close()
+
+
+# -- history, sigma_h -----------------------------------------------------------------------------
 
 
 def test_status_queued_running_and_first_finish_wins(ledger: Ledger):
@@ -283,17 +470,32 @@ def test_no_code_blob_for_unknown_parent_or_invalid_diff(ledger: Ledger):
 
 
 def busy_log() -> list[Delivered]:
-    """Every kind of event and every awkward case: duplicates, redeliveries, bad messages, aborts."""
+    """Every kind of event and every awkward case: duplicates, redeliveries, bad messages, aborts, and every
+    verdict of the keep gate (σ_noise = 0.0707 from the first two runs: variant(1) is the baseline's code)."""
     log = Log()
     baseline, out = log.experiment("", BASELINE, val_bpb=1.5)
+    search = {}
     for n, (status, bpb) in enumerate([("ok", 1.6), ("ok", 1.4), ("aborted", None), ("crashed", None),
                                        ("ok", 1.4), ("ok", 1.3), ("invalid", None)], start=1):
-        out += log.experiment(BASELINE, variant(n), status, bpb, progress=n)[1]
+        search[n], batch = log.experiment(BASELINE, variant(n), status, bpb, progress=n)
+        out += batch  # 2 and 5: unconfirmed; 6: a new best (bpb* 1.3)
     again = Log.propose(BASELINE, variant(20))
     out += log.deliver(again, Log.progress(again, "a-1"), Log.progress(again, "a-2"),  # redelivered: two runs
                        Log.finish(again, "a-1", variant(20), "ok", 1.2),
                        Log.finish(again, "a-2", variant(20), "ok", 1.1))
-    out += log.deliver(again)  # the same event id at a later sequence
+    out += log.deliver(again)  # the same event id at a later sequence; 1.2: unconfirmed
+    for candidate, code, status, bpb in [(search[2], variant(2), "ok", 1.35),  # refuted: mean 1.375
+                                         (search[5], variant(5), "crashed", None),
+                                         (search[5], variant(5), "ok", 1.25),  # the retry refutes: mean 1.325
+                                         (again, variant(20), "ok", 1.21),  # confirmed: bpb* 1.205
+                                         (again, variant(20), "ok", 1.3)]:  # decided already: only data
+        repeat = Log.repeat(code, candidate, "confirm", seed=log.seq)
+        out += log.deliver(repeat) + log.run(repeat, code, status, bpb)
+    noise = Log.repeat(BASELINE, baseline, "noise", seed=log.seq)
+    out += log.deliver(noise) + log.run(noise, BASELINE, val_bpb=1.55)
+    pending, batch = log.experiment(variant(20), variant(23), val_bpb=1.19)  # unconfirmed, and its
+    failed = Log.repeat(variant(23), pending, "confirm", seed=log.seq)  # confirmation crashes once: still waiting
+    out += batch + log.deliver(failed) + log.run(failed, variant(23), "crashed", None)
     out += log.deliver(Log.propose(BASELINE, variant(21), proposal_id=again.proposal_id))  # same proposal id, new event
     out += log.deliver(Log.propose(BASELINE, variant(22)), Log.propose("z\n", "zz\n"))  # queued; unknown parent
     out += log.deliver(PolicyUpdated(event_id=new_id(), producer="learner/test", ts=now(), policy_version="v1",
@@ -320,9 +522,54 @@ def test_replay_rebuilds_identical_tables(tmp_path: Path, batch_size: int):
         assert tables(ledger) == incremental
         assert ledger.state() == state
         assert rows == {name: len(incremental[name]) for name in PROJECTION_TABLES}
+        keeps = ledger.query("SELECT keep, count(*) FROM experiments GROUP BY keep").rows
     finally:
         ledger.close()
-    assert state.bpb_star == 1.2 and state.outstanding == 2
+    assert state.bpb_star == pytest.approx(1.205) and state.c_star_code == variant(20) and state.outstanding == 2
+    assert [(c.code_sha256, c.confirmations, c.failed) for c in state.candidates] == [(code_sha256(variant(23)), 1, 1)]
+    assert dict(keeps) == {"new best": 2, "confirmed": 1, "refuted": 2, "unconfirmed": 1, None: 13}
+
+
+def shuffled_log(rng: random.Random) -> list[Delivered]:
+    """Search runs and repeats (confirmations mostly, some of other code), some failing, finishing out of order."""
+    log, running = Log(), []
+    baseline, out = log.experiment("", BASELINE, val_bpb=1.5)
+    proposed = [(baseline, BASELINE)]
+    for _ in range(40):
+        if rng.random() < 0.45:
+            of, code = rng.choice(proposed[-4:])
+            code = variant(rng.randrange(12)) if rng.random() < 0.1 else code
+            proposal = Log.repeat(code, of, rng.choice(["noise", "confirm", "confirm"]), seed=log.seq)
+        else:
+            code = variant(rng.randrange(12))
+            proposal = Log.propose(BASELINE, code)
+            proposed.append((proposal, code))
+        out += log.deliver(proposal)
+        running.append((proposal, code, rng.choice(["ok", "ok", "ok", "crashed"]), round(rng.gauss(1.45, 0.03), 4)))
+        while running and rng.random() < 0.6:
+            proposal, code, status, bpb = running.pop(rng.randrange(len(running)))
+            out += log.run(proposal, code, status, bpb, progress=rng.randrange(2))
+    for proposal, code, status, bpb in running:
+        out += log.run(proposal, code, status, bpb, progress=0)
+    return out + log.deliver(Log.abort(f"{baseline.proposal_id[:8]}-1", "late"))
+
+
+@pytest.mark.parametrize("seed", [6, 12, 15, 29])  # logs with every verdict: confirmed, refuted, unconfirmed
+def test_the_gate_resumed_batch_by_batch_judges_as_a_replay_does(tmp_path: Path, seed: int):
+    rng = random.Random(seed)
+    deliveries = shuffled_log(rng)
+    ledger = Ledger(tmp_path / "ledger.duckdb", confirm_sigmas=1.0)
+    try:
+        start = 0
+        while start < len(deliveries):
+            size = rng.randint(1, 12)
+            ledger.append(deliveries[start:start + size])
+            start += size
+        incremental, state = tables(ledger), ledger.state()
+        ledger.replay()
+        assert tables(ledger) == incremental and ledger.state() == state
+    finally:
+        ledger.close()
 
 
 def test_changed_projection_code_replays_on_open(tmp_path: Path):
@@ -331,7 +578,7 @@ def test_changed_projection_code_replays_on_open(tmp_path: Path):
     ledger.append(busy_log())
     expected = tables(ledger)
     ledger._con.execute("DELETE FROM experiments")
-    ledger._con.execute("UPDATE meta SET value = 'built-by-older-code'")
+    ledger._con.execute("UPDATE meta SET value = 'built-by-older-code' WHERE key = 'projections'")
     ledger.close()
     reopened = Ledger(path)
     try:

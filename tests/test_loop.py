@@ -4,16 +4,19 @@ deterministic budget mode; then kill -9 of the ledger and of the executor mid-ru
 from __future__ import annotations
 
 import asyncio
+import math
 import subprocess
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_target
 
 from bench.loop import Loop
+from services.ledger.store import Ledger
 from shared.bus import Bus
 from shared.diffs import EMPTY_SHA256, code_sha256
 from shared.events import STREAM, EditOp, ProposalCreated, RunAborted, new_id, now
@@ -91,30 +94,62 @@ def test_random_search_loop_end_to_end(nats_server, tiny: Path, tmp_path: Path):
     invalid, = loop.sql("SELECT status, error FROM experiments WHERE proposal_id = 'bad-line-reference'")
     assert invalid[0] == "invalid" and "9999" in invalid[1]
 
-    rows = loop.sql("SELECT proposal_id, parent_code_sha256, status, val_bpb, is_new_best, code_sha256 "
-                    "FROM experiments WHERE policy = 'random-search' ORDER BY finished_seq")
+    rows = loop.sql("SELECT proposal_id, parent_code_sha256, status, val_bpb, is_new_best, code_sha256, purpose, "
+                    "repeat_of, seed, keep, beat_by, sigma_noise FROM experiments WHERE policy = 'random-search' "
+                    "ORDER BY finished_seq")
     assert len(rows) == 6
-    first, = loop.sql("SELECT parent_code_sha256, status, code_sha256 FROM experiments ORDER BY proposal_seq LIMIT 1")
-    assert first == (EMPTY_SHA256, "ok", code_sha256(baseline))  # two slots: the baseline need not finish first
-    best = float("inf")
-    for _, _, status, val_bpb, is_new_best, _ in rows:  # c* moves only on a strict improvement
-        improved = status == "ok" and val_bpb < best
-        assert is_new_best == improved
-        best = min(best, val_bpb) if status == "ok" else best
-    champions = [value for value, in loop.sql("SELECT val_bpb FROM champions ORDER BY finished_seq")]
-    assert champions == sorted(champions, reverse=True) and len(set(champions)) == len(champions)
-    assert champions[-1] == best
+    first, = loop.sql("SELECT proposal_id, parent_code_sha256, status, code_sha256 FROM experiments "
+                      "ORDER BY proposal_seq LIMIT 1")
+    assert first[1:] == (EMPTY_SHA256, "ok", code_sha256(baseline))  # two slots: the baseline need not finish first
+    noise = [row for row in rows if row[6] == "noise"]  # then the baseline twice more, with fresh seeds
+    assert len(noise) == 2 and all(row[7] == first[0] and row[1] == row[5] == code_sha256(baseline) for row in noise)
+    assert len({0, *(row[8] for row in noise)}) == 3  # neither the executor's seed 0 nor each other's
+    baseline_bpbs = [row[3] for row in rows if row[0] == first[0] or row in noise]
+    assert len(baseline_bpbs) == 3 and len(set(baseline_bpbs)) == 3  # another seed, another val_bpb
 
-    for proposal_id, parent_sha, status, _, _, code_sha in rows[1:]:  # each mutation is one change to its parent
+    ledger = Ledger(loop.data_dir / "ledger.duckdb", read_only=True)
+    state = ledger.state()
+    ledger.close()
+    runs: dict[str, list[float]] = {}
+    for code, val_bpb in loop.sql("SELECT code_sha256, val_bpb FROM experiments WHERE status = 'ok'"):
+        runs.setdefault(code, []).append(val_bpb)
+    spread = [values for values in runs.values() if len(values) > 1]
+    squares = sum(((np.array(values) - np.mean(values)) ** 2).sum() for values in spread)
+    assert state.noise_dof == sum(len(values) - 1 for values in spread) >= 2
+    assert state.sigma_noise == pytest.approx(math.sqrt(squares / state.noise_dof), rel=1e-9)
+
+    for *_, is_new_best, _, purpose, repeat_of, _, keep, beat_by, sigma in rows:  # the keep gate
+        assert is_new_best == (keep in ("new best", "confirmed"))
+        if purpose == "confirm":
+            candidate, = [row for row in rows if row[0] == repeat_of]
+            assert candidate[9] in ("unconfirmed", "confirmed", "refuted") and keep is None
+        elif beat_by is not None:  # an ok search run after the first ok run
+            if keep == "new best":  # a clear win
+                assert sigma is not None and beat_by > state.confirm_sigmas * sigma
+            elif keep is not None:  # an unconfirmed best, maybe decided since
+                assert beat_by > 0 and (sigma is None or beat_by <= state.confirm_sigmas * sigma)
+            else:
+                assert beat_by <= 0
+    champions = loop.sql("SELECT val_bpb, code_sha256 FROM champions ORDER BY finished_seq")
+    values = [value for value, _ in champions]  # c* moves only on an improvement
+    assert values == sorted(values, reverse=True) and len(set(values)) == len(values)
+    assert champions[-1] == (state.bpb_star, state.c_star_sha256)
+
+    for proposal_id, parent_sha, status, _, _, code_sha, purpose, *_ in rows:  # one change to its parent
+        if proposal_id == first[0]:
+            continue
         (parent,), = loop.sql(f"SELECT code FROM code_blobs WHERE sha256 = '{parent_sha}'")
         (ops,), = loop.sql(f"SELECT payload->'ops' FROM events WHERE proposal_id = '{proposal_id}' "
                            "AND kind = 'proposal.created'")
+        if purpose != "search":  # a repeat: no change at all
+            assert ops == "[]" and code_sha == parent_sha
+            continue
         assert ops.count('"op"') == 1
         if status == "ok":
             (child,), = loop.sql(f"SELECT code FROM code_blobs WHERE sha256 = '{code_sha}'")
             assert child != parent
 
-    tables = ("experiments", "champions", "code_blobs", "history")
+    tables = ("experiments", "champions", "candidates", "code_blobs", "history")
     before = {table: loop.sql(f"SELECT * FROM {table} ORDER BY ALL") for table in tables}
     assert cli_in(loop, "replay") == 0
     assert {table: loop.sql(f"SELECT * FROM {table} ORDER BY ALL") for table in tables} == before

@@ -21,7 +21,7 @@ from concurrent.futures import Future
 import torch
 from nats.aio.msg import Msg
 
-from services.executor.runs import DivergenceGuard, ProgressThrottle, run_id_for, unrun_result
+from services.executor.runs import DivergenceGuard, ProgressThrottle, run_id_for, seed_for, unrun_result
 from shared import queries
 from shared.bus import WORK_QUEUE, Bus, ack_after
 from shared.config import Config
@@ -122,22 +122,22 @@ class Executor:
 
     async def _run(self, proposal: ProposalCreated, run_id: str, seq: int, slot: int,
                    reporter: _Reporter) -> RunResult:
+        seed = seed_for(proposal, self.settings.seed)
         parent = await self.parent_code(proposal, seq)
         if parent is None:
             return unrun_result("rejected", f"parent code {proposal.parent_code_sha256} is not in the ledger",
-                                self.budget, self.settings.seed)
+                                self.budget, seed)
         try:
-            code = apply_ops(parent, proposal.ops)
+            code = apply_ops(parent, proposal.ops)  # a repeat's empty ops give the parent itself
         except InvalidDiff as error:
-            return unrun_result("invalid", f"the diff does not apply to its parent: {error}", self.budget,
-                                self.settings.seed)
+            return unrun_result("invalid", f"the diff does not apply to its parent: {error}", self.budget, seed)
         stop = StopRequest()
         reporter.stop = stop
         aborts = await self.bus.nc.subscribe(run_subject(RUN_ABORTED, run_id), cb=_abort_handler(stop))
         self.active.add(stop)
         try:
             return await asyncio.to_thread(
-                run_target, self.target, code, budget=self.budget, seed=self.settings.seed, device=self.device,
+                run_target, self.target, code, budget=self.budget, seed=seed, device=self.device,
                 limits=self.limits, slot=slot, stop=stop, visible_devices=self._gpu(slot), on_progress=reporter)
         finally:
             self.active.discard(stop)
@@ -189,7 +189,8 @@ class _Reporter:
         executor = self.executor
         event = RunProgress(event_id=new_id(), producer=executor.instance, ts=now(), run_id=self.run_id,
                             proposal_id=self.proposal.proposal_id, executor_id=executor.instance,
-                            phase=record.phase, elapsed_train_s=record.elapsed_train_s, step=record.step,
+                            phase=record.phase, elapsed_train_s=record.elapsed_train_s,
+                            budget_used=record.budget_used, step=record.step,
                             train_loss=record.train_loss, nonfinite_loss=record.nonfinite_loss, tokens=record.tokens,
                             peak_mem_mb=record.peak_mem_mb)
         try:

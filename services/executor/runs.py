@@ -1,9 +1,10 @@
-"""The executor's pure decisions: run ids, which progress to publish, when a loss has diverged."""
+"""The executor's pure decisions: run ids, seeds, which progress to publish, when a loss has diverged."""
 
 from __future__ import annotations
 
 import math
 
+from shared.events import ProposalCreated
 from shared.target.records import Budget, Progress, RunResult, Status
 
 EXPLODING_FACTOR = 2.0
@@ -13,6 +14,12 @@ EXPLODING_FACTOR = 2.0
 def run_id_for(proposal_id: str, attempt: int) -> str:
     """Each delivery of a proposal is its own run, so a redelivered proposal never reuses a dead run's id."""
     return f"{proposal_id[:48]}-{attempt}"
+
+
+def seed_for(proposal: ProposalCreated, configured: int) -> int:
+    """The proposal's own seed (a repeat measuring noise), else the configured one: searched edits all run
+    under one seed, so that two of them differ by their code, not by their luck."""
+    return configured if proposal.seed is None else proposal.seed
 
 
 def unrun_result(status: Status, error: str, budget: Budget, seed: int, code_sha256: str = "") -> RunResult:

@@ -27,6 +27,7 @@ from services.ledger.store import Ledger
 from shared import queries
 from shared.bus import LEDGER_CONSUMER, Bus, Delivered, ack_after
 from shared.config import Config
+from shared.curves import CurvesReply, CurvesRequest
 from shared.service import instance_id, run_service
 
 log = logging.getLogger("ledger")
@@ -94,6 +95,7 @@ class LedgerService:
         await self.answer(queries.FINISHED, queries.FinishedRequest,
                           lambda r: self.call(lambda: queries.FinishedReply(ledger.finished(r.proposal_id))))
         await self.answer(queries.REPLAY, queries.ReplayRequest, lambda _: self.call(replay, ledger))
+        await self.answer(queries.CURVES, CurvesRequest, lambda r: self.call(lambda: CurvesReply(ledger.curves(r))))
 
 
 def replay(ledger: Ledger) -> queries.ReplayReply:
@@ -117,7 +119,7 @@ async def serve_http(ledger: Ledger, port: int, stop: asyncio.Event) -> None:
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(config.ledger_path)
+    ledger = Ledger(config.ledger_path, confirm_sigmas=config.ledger.confirm_sigmas)
     bus = await Bus.connect(config.nats.urls, instance_id("ledger"))
     await bus.ensure_stream(config.nats.replicas)
     service = LedgerService(ledger, bus, config.ledger.batch)

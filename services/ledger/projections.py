@@ -11,8 +11,10 @@ Three layers, so that a refresh after each batch stays cheap however many run.pr
    Payloads are decoded with shared.events (never re-parsed in SQL), and the columns are generated
    from the event classes, so a field added there appears here without a second definition.
 2. `experiments`, a table derived by SQL from the fact tables. After a batch only the rows its facts
-   touch are redone (refresh_derived); a replay redoes them all with the same statements.
-3. `champions` and `history`, views over `experiments`: a few dozen rows, computed when read.
+   touch are redone (refresh_derived); a replay redoes them all with the same statements. The keep gate
+   (gate.py) then judges, in Python, the runs finished from the earliest of them on, resuming from the
+   state the rows before hold (judge): its verdict columns depend on the order runs finished in.
+3. `champions`, `candidates` and `history`, views over `experiments`: a few dozen rows, computed when read.
    (Materialized and rewritten after every batch, `history` triggered "Corrupted uncompressed string
    segment" failures at checkpoints in DuckDB 2.0.0; as views they need no rewriting at all.)
 """
@@ -30,6 +32,7 @@ import duckdb
 import msgspec
 import msgspec.inspect as mi
 
+from services.ledger.gate import Finished, Gate, Verdict
 from shared.diffs import EMPTY_SHA256, InvalidDiff, apply_ops, code_sha256
 from shared.events import (
     POLICY_UPDATED,
@@ -51,8 +54,9 @@ DEFAULT_RECENT = 32
 """K: the last finished experiments in the history buffer h (paper §3)."""
 DEFAULT_TOP = 5
 """The best ok experiments ever, also in h."""
-LOGIC_VERSION = 1
-"""Bump when the Python side of a projection changes (row building, code blobs): the next open replays."""
+LOGIC_VERSION = 2
+"""Bump when the Python side of a projection changes (row building, code blobs, the keep gate of gate.py):
+the next open replays."""
 REPLAY_WINDOW = 200_000
 """Stream sequences projected per step of a replay (bounds the payloads held in memory at once)."""
 
@@ -152,6 +156,9 @@ FACT_TABLES = (PROPOSALS, RUN_STARTS, FINISHES, ABORTS, POLICY_UPDATES)
 
 CODE_BLOBS_DDL = "CREATE TABLE IF NOT EXISTS code_blobs (sha256 VARCHAR PRIMARY KEY, code VARCHAR NOT NULL)"
 
+VERDICT_COLUMNS = [Column("is_new_best", "BOOLEAN", ("is_new_best",)), *_columns(mi.type_info(Verdict))]
+"""The keep gate's columns of `experiments`, generated from gate.Verdict: set by judge(), not by SQL."""
+
 # ---------------------------------------------------------------------------------------------
 # Derived tables: SQL over the fact tables
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +174,7 @@ UNION SELECT runs.proposal_id FROM aborts
 """
 """The proposals whose facts arrived with stream sequences in (lo, hi]: the experiment rows to redo."""
 
-EXPERIMENT_ROWS_SQL = """
+EXPERIMENT_ROWS_SQL = f"""
 WITH scope AS (SELECT unnest($1::VARCHAR[]) AS proposal_id),
 first_finish AS (  -- a proposal redelivered after its run finished may finish twice: the first counts
     SELECT * FROM finishes WHERE proposal_id IN (FROM scope)
@@ -180,7 +187,8 @@ first_finish AS (  -- a proposal redelivered after its run finished may finish t
     QUALIFY row_number() OVER (PARTITION BY run_id ORDER BY seq) = 1
 )
 SELECT p.proposal_id, p.seq AS proposal_seq, p.ts AS proposed_at, p.policy, p.policy_version,
-       p.parent_code_sha256, p.unified_diff, p.rationale, p.logprob, p.value,
+       p.parent_code_sha256, p.unified_diff, p.rationale, p.logprob, p.value, p.purpose, p.repeat_of,
+       coalesce(f.seed, p.seed) AS seed,
        coalesce(f.run_id, s.run_id) AS run_id,
        coalesce(f.executor_id, s.executor_id) AS executor_id,
        CASE WHEN f.seq IS NOT NULL THEN f.status WHEN s.seq IS NOT NULL THEN 'running' ELSE 'queued' END AS status,
@@ -188,7 +196,7 @@ SELECT p.proposal_id, p.seq AS proposal_seq, p.ts AS proposed_at, p.policy, p.po
        coalesce(nullif(f.code_sha256, ''), p.code_sha256) AS code_sha256,
        f.error, f.error_tail, f.seq AS finished_seq, f.ts AS finished_at,
        a.commentary AS abort_commentary,
-       false AS is_new_best  -- set by NEW_BEST_SQL, which needs the rows finished before
+       {", ".join(f"NULL::{column.sql_type} AS {column.name}" for column in VERDICT_COLUMNS)}
 FROM proposals p
 LEFT JOIN first_finish f ON f.proposal_id = p.proposal_id
 LEFT JOIN latest_start s ON s.proposal_id = p.proposal_id
@@ -197,31 +205,27 @@ WHERE p.proposal_id IN (FROM scope)
 """
 """One experiment row per proposal in $1, from the fact tables alone."""
 
-NEW_BEST_SQL = """
-UPDATE experiments SET is_new_best = judged.is_new_best
-FROM (
-    SELECT proposal_id,
-           coalesce(status = 'ok' AND val_bpb < least(
-               coalesce((SELECT min(val_bpb) FROM experiments WHERE status = 'ok' AND finished_seq < {since}),
-                        'inf'::DOUBLE),
-               coalesce(min(val_bpb) FILTER (WHERE status = 'ok') OVER (
-                   ORDER BY finished_seq ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 'inf'::DOUBLE)
-           ), false) AS is_new_best
-    FROM experiments WHERE finished_seq >= {since}
-) judged
-WHERE experiments.proposal_id = judged.proposal_id
-"""
-"""Keep/revert: a new best is an ok run strictly below every ok run that finished before it. Judged for
-the runs finished at or after `since`; a run's verdict depends only on runs that finished earlier."""
-
 CHAMPIONS_SQL = """
-SELECT finished_seq, finished_at, proposal_id, run_id, val_bpb, code_sha256,
-       lag(val_bpb) OVER (ORDER BY finished_seq) - val_bpb AS improvement
+SELECT e.keep_seq AS finished_seq, d.finished_at, e.proposal_id, e.run_id, e.keep_bpb AS val_bpb, e.code_sha256,
+       e.keep, lag(e.keep_bpb) OVER (ORDER BY e.keep_seq) - e.keep_bpb AS improvement
+FROM experiments e
+JOIN experiments d ON d.finished_seq = e.keep_seq
+WHERE e.is_new_best
+ORDER BY e.keep_seq
+"""
+"""The keep decisions: every code that became c*, when (finished_seq, finished_at: its own run's finish for a
+new best, its confirmation's for a confirmed one) and at which bpb* (val_bpb). c* is the last row."""
+
+CANDIDATES_SQL = """
+SELECT finished_seq, finished_at, proposal_id, run_id, val_bpb, beat_by, sigma_noise, code_sha256, keep,
+       keep_seq, keep_bpb
 FROM experiments
-WHERE is_new_best
+WHERE keep IN ('unconfirmed', 'confirmed', 'refuted')
 ORDER BY finished_seq
 """
-"""The best-so-far history, the keep/revert decisions: c* is the code of its last row, bpb* its val_bpb."""
+"""Every unconfirmed best (a search run that beat bpb* by less than the gate's margin) and what its
+confirmation decided: keep is unconfirmed while it waits, then confirmed or refuted (keep_bpb: the mean of
+its code's ok runs then)."""
 
 
 def history_sql(recent: int, top: int) -> str:
@@ -253,15 +257,17 @@ FROM (SELECT status, val_bpb FROM experiments WHERE finished_seq IS NOT NULL
 
 
 HISTORY_SQL = history_sql(DEFAULT_RECENT, DEFAULT_TOP)
-VIEWS = {"champions": CHAMPIONS_SQL, "history": HISTORY_SQL}
+VIEWS = {"champions": CHAMPIONS_SQL, "candidates": CANDIDATES_SQL, "history": HISTORY_SQL}
 PROJECTION_TABLES = [table.name for table in FACT_TABLES] + ["code_blobs", "experiments", *VIEWS]
 """Everything replay rebuilds (the views need no rebuilding, but are compared all the same)."""
 
 
-def fingerprint() -> str:
-    """Changes whenever a projection's definition does, so an upgraded ledger knows to replay."""
-    sql = [CODE_BLOBS_DDL, AFFECTED_SQL, EXPERIMENT_ROWS_SQL, NEW_BEST_SQL, *VIEWS.values()]
-    text = "\n".join([str(LOGIC_VERSION), *(table.ddl() for table in FACT_TABLES), *sql])
+def fingerprint(confirm_sigmas: float) -> str:
+    """Changes whenever a projection's definition or the keep gate's setting does, so that a ledger opened
+    by upgraded code, or with another gate, knows to replay."""
+    sql = [CODE_BLOBS_DDL, AFFECTED_SQL, EXPERIMENT_ROWS_SQL, *GATE_SQL, *VIEWS.values()]
+    text = "\n".join([str(LOGIC_VERSION), f"confirm_sigmas = {float(confirm_sigmas)!r}",
+                      *(table.ddl() for table in FACT_TABLES), *sql])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -299,8 +305,8 @@ def project(con: duckdb.DuckDBPyConnection, lo: int, hi: int) -> bool:
     return added > 0
 
 
-def refresh_derived(con: duckdb.DuckDBPyConnection, lo: int, hi: int) -> None:
-    """Redo the experiment rows that the facts of (lo, hi] are about, then the keep/revert verdicts
+def refresh_derived(con: duckdb.DuckDBPyConnection, lo: int, hi: int, confirm_sigmas: float) -> None:
+    """Redo the experiment rows that the facts of (lo, hi] are about, then the keep gate's verdicts
     from the earliest of them that finished: the cost follows the batch, not the length of the log."""
     affected = [row[0] for row in con.execute(AFFECTED_SQL.format(lo=int(lo), hi=int(hi))).fetchall()]
     if not affected:
@@ -310,17 +316,67 @@ def refresh_derived(con: duckdb.DuckDBPyConnection, lo: int, hi: int) -> None:
     (since,) = con.execute("SELECT min(finished_seq) FROM experiments WHERE proposal_id IN "
                            "(SELECT unnest($1::VARCHAR[]))", [affected]).fetchone()
     if since is not None:
-        con.execute(NEW_BEST_SQL.format(since=int(since)))
+        judge(con, since, confirm_sigmas)
 
 
-def replay(con: duckdb.DuckDBPyConnection, cursor: int) -> dict[str, int]:
+def replay(con: duckdb.DuckDBPyConnection, cursor: int, confirm_sigmas: float) -> dict[str, int]:
     """Drop and rebuild every projection from `events` with the same code the appends use."""
     drop(con)
     create(con)
     for lo in range(0, cursor, REPLAY_WINDOW):
         project(con, lo, min(lo + REPLAY_WINDOW, cursor))
-    refresh_derived(con, 0, cursor)
+    refresh_derived(con, 0, cursor, confirm_sigmas)
     return {name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] for name in PROJECTION_TABLES}
+
+
+# ---------------------------------------------------------------------------------------------
+# The keep gate, resumed where a batch needs it
+# ---------------------------------------------------------------------------------------------
+
+_RUN = ", ".join(Finished.__struct_fields__)
+_VERDICT = ", ".join(Verdict.__struct_fields__)
+_RUNS_SQL = f"""
+SELECT {_RUN}, {_VERDICT} FROM experiments
+WHERE finished_seq >= coalesce((SELECT max(finished_seq) FROM experiments WHERE finished_seq < {{since}}), 0)
+ORDER BY finished_seq"""
+"""The runs finished at stream sequence `since` or later, after the last one before them (whose verdict
+holds bpb* and the pooled sums then). Literal bounds, as in _FACTS_SQL, so that zone maps prune."""
+_CODE_RUNS_SQL = f"""
+SELECT {_RUN}, {_VERDICT} FROM experiments
+WHERE finished_seq < {{before}} AND list_contains($1::VARCHAR[], code_sha256)
+ORDER BY finished_seq"""
+"""The runs of the codes in $1 finished before `before`."""
+_VERDICTS_SQL = f"""
+UPDATE experiments SET {", ".join(f"{column.name} = v.{column.name}" for column in VERDICT_COLUMNS)}
+FROM (SELECT unnest($1::VARCHAR[]) AS proposal_id,
+             {", ".join(f"unnest(${i}::{c.sql_type}[]) AS {c.name}" for i, c in enumerate(VERDICT_COLUMNS, 2))}) v
+WHERE experiments.proposal_id = v.proposal_id"""
+GATE_SQL = (_RUNS_SQL, _CODE_RUNS_SQL, _VERDICTS_SQL)
+
+
+def judge(con: duckdb.DuckDBPyConnection, since: int, confirm_sigmas: float) -> None:
+    """Judge again every run finished at stream sequence `since` or later, in finished order, from the
+    gate's state just before (gate.Gate.resume): the same verdicts a judgement of the whole log gives.
+    Two reads and one write, whatever the length of the log: each statement costs milliseconds."""
+    rows = _judged(con, _RUNS_SQL.format(since=int(since)))
+    before = rows[:1] if rows and rows[0][0].finished_seq < since else []
+    runs = [run for run, _ in rows[len(before):]]
+    if before:
+        codes = sorted({run.code_sha256 for run in runs if run.code_sha256})
+        before = _judged(con, _CODE_RUNS_SQL.format(before=before[0][0].finished_seq), [codes]) + before
+    gate = Gate.resume(confirm_sigmas, before, runs)
+    for run in runs:
+        gate.judge(run)
+    columns = [[_value(verdict, column.path) for verdict in gate.verdicts.values()] for column in VERDICT_COLUMNS]
+    con.execute(_VERDICTS_SQL, [list(gate.verdicts), *columns])
+
+
+def _judged(con: duckdb.DuckDBPyConnection, sql: str,
+            params: list[Any] | None = None) -> list[tuple[Finished, Verdict]]:
+    """Rows of (_RUN, _VERDICT) columns as runs with their verdicts."""
+    width = len(Finished.__struct_fields__)
+    return [(Finished(*row[:width]), Verdict(**dict(zip(Verdict.__struct_fields__, row[width:], strict=True))))
+            for row in con.execute(sql, params).fetchall()]
 
 
 _FACTS_SQL = f"""

@@ -24,9 +24,13 @@ import msgspec
 
 from services.ledger import projections
 from services.ledger import sql as user_sql
+from services.ledger.curves import read_curves
+from services.ledger.gate import sigma
 from services.ledger.projections import DEFAULT_RECENT, DEFAULT_TOP, KIND, insert_rows, utc_naive
 from services.ledger.sql import QueryResult
 from shared.bus import Delivered
+from shared.config import Ledger as Settings
+from shared.curves import Curve, CurvesRequest
 from shared.diffs import EMPTY_SHA256
 from shared.events import (
     MAX_EVENT_BYTES,
@@ -38,7 +42,7 @@ from shared.events import (
     RunProgress,
     decode,
 )
-from shared.queries import HistoryEntry, LedgerState
+from shared.queries import Candidate, HistoryEntry, LedgerState
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS events (
@@ -70,12 +74,27 @@ CONFIG = {
     "autoinstall_known_extensions": False,
 }
 FINGERPRINT_KEY = "projections"
-"""meta row holding projections.fingerprint() of the code that built the projection tables."""
-_COUNTS = "SELECT count(*), count(finished_seq), min(proposed_at) FROM experiments"
+"""meta row holding projections.fingerprint() of the code and gate that built the projection tables."""
+GATE_KEY = "confirm_sigmas"
+"""meta row holding the keep gate's confirm_sigmas the projection tables were judged with."""
+_COUNTS = """SELECT count(*), count(finished_seq), min(proposed_at), count(*) FILTER (WHERE purpose = 'noise'),
+                    arg_min(proposal_id, proposal_seq) FROM experiments"""
 _CHAMPION = "SELECT code_sha256, val_bpb, finished_seq FROM champions ORDER BY finished_seq DESC LIMIT 1"
-"""c*, bpb*: the last new best."""
+"""c*, bpb*: the last code the keep gate made c*."""
 _FINISHED_AFTER = "SELECT count(*) FROM experiments WHERE finished_seq > $1"
 """Finished experiments since the last new best (the plateau rule)."""
+_NOISE = "SELECT noise_ss, noise_dof FROM experiments WHERE finished_seq IS NOT NULL ORDER BY finished_seq DESC LIMIT 1"
+"""The pooled sums behind σ_noise, as the last finished run left them."""
+_CANDIDATES = """
+SELECT e.proposal_id, e.code_sha256, e.val_bpb, e.beat_by, e.sigma_noise, count(c.proposal_id),
+       count(c.finished_seq)
+FROM experiments e
+LEFT JOIN experiments c ON c.repeat_of = e.proposal_id AND c.purpose = 'confirm' AND c.code_sha256 = e.code_sha256
+WHERE e.keep = 'unconfirmed'
+GROUP BY e.proposal_id, e.code_sha256, e.val_bpb, e.beat_by, e.sigma_noise, e.finished_seq
+ORDER BY e.finished_seq"""
+"""The unconfirmed bests still waiting, oldest first, with their confirmation runs (proposed, finished):
+a confirmation counts only if it runs the candidate's code, as in gate.py."""
 
 
 class AppendReport(msgspec.Struct, frozen=True):
@@ -89,9 +108,13 @@ class AppendReport(msgspec.Struct, frozen=True):
 
 
 class Ledger:
-    def __init__(self, path: Path, *, read_only: bool = False):
+    def __init__(self, path: Path, *, read_only: bool = False, confirm_sigmas: float | None = None):
         """Open (and, if writable, create or upgrade) the ledger file, with file access off for the whole
-        database and the configuration locked (CONFIG): user SQL can neither read the disk nor undo that."""
+        database and the configuration locked (CONFIG): user SQL can neither read the disk nor undo that.
+
+        confirm_sigmas is the keep gate (shared.config.Ledger): a writable open with another value than
+        the file was judged with replays it. None keeps the file's (a new file gets the default), so that
+        a tool opening the file (`autoresearch replay`) never changes the gate the ledger service set."""
         self.path = Path(path)
         self.read_only = read_only
         self._con = duckdb.connect(str(self.path), read_only=read_only, config=CONFIG)
@@ -99,9 +122,10 @@ class Ledger:
         """Parent of every reader's cursor, so that reader threads never touch the appender's connection."""
         self._opening = threading.Lock()
         if not read_only:
-            self._migrate()
+            self._migrate(confirm_sigmas)
         with self._snapshot() as con:
             self._cursor = _read_cursor(con)
+            self.confirm_sigmas = _gate(con)
 
     @property
     def cursor(self) -> int:
@@ -130,28 +154,29 @@ class Ledger:
             appended = _insert_events(con, good, skip_known)
             insert_rows(con, "bad_events", bad)
             if appended and projections.project(con, self._cursor, last):
-                projections.refresh_derived(con, self._cursor, last)
+                projections.refresh_derived(con, self._cursor, last, self.confirm_sigmas)
             con.execute("UPDATE cursor SET seq = $1", [last])
         return appended
 
     def replay(self) -> dict[str, int]:
         """Drop the projection tables and rebuild them from `events`; returns rows per table."""
         with self._transaction() as con:
-            rows = projections.replay(con, self._cursor)
-            _set_meta(con, FINGERPRINT_KEY, projections.fingerprint())
+            rows = projections.replay(con, self._cursor, self.confirm_sigmas)
+            _set_meta(con, FINGERPRINT_KEY, projections.fingerprint(self.confirm_sigmas))
         return rows
 
-    def _migrate(self) -> None:
-        """Create what is missing; replay if the projections were built by different code."""
+    def _migrate(self, confirm_sigmas: float | None) -> None:
+        """Create what is missing; replay if the projections were built by different code or gate."""
         with self._transaction() as con:
             for ddl in SCHEMA:
                 con.execute(ddl)
             if con.execute("SELECT count(*) FROM cursor").fetchone()[0] == 0:
                 con.execute("INSERT INTO cursor VALUES (0)")
-            built_by = con.execute("SELECT value FROM meta WHERE key = $1", [FINGERPRINT_KEY]).fetchone()
-            if built_by is None or built_by[0] != projections.fingerprint():
-                projections.replay(con, _read_cursor(con))
-                _set_meta(con, FINGERPRINT_KEY, projections.fingerprint())
+            gate = _gate(con) if confirm_sigmas is None else float(confirm_sigmas)
+            _set_meta(con, GATE_KEY, repr(gate))
+            if _meta(con, FINGERPRINT_KEY) != projections.fingerprint(gate):
+                projections.replay(con, _read_cursor(con), gate)
+                _set_meta(con, FINGERPRINT_KEY, projections.fingerprint(gate))
 
     @contextmanager
     def _transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -178,10 +203,12 @@ class Ledger:
             con.close()
 
     def state(self, recent: int = DEFAULT_RECENT, top: int = DEFAULT_TOP) -> LedgerState:
-        """s_t as the proposer needs it: c*, bpb*, σ_h, the history buffer h, and the counts."""
+        """s_t as the proposer needs it: c*, bpb*, σ_h, σ_noise and the candidates awaiting confirmation,
+        the history buffer h, and the counts."""
         with self._snapshot() as con:
-            experiments, finished, first_proposed_at = con.execute(_COUNTS).fetchone()
+            experiments, finished, first_proposed_at, noise_runs, baseline = con.execute(_COUNTS).fetchone()
             c_star, bpb_star, best_seq = con.execute(_CHAMPION).fetchone() or (None, None, 0)
+            noise_ss, noise_dof = con.execute(_NOISE).fetchone() or (0.0, 0)
             return LedgerState(
                 cursor=_read_cursor(con), experiments=experiments, finished=finished,
                 outstanding=experiments - finished, c_star_sha256=c_star,
@@ -191,12 +218,22 @@ class Ledger:
                 first_proposed_at=first_proposed_at.replace(tzinfo=UTC) if first_proposed_at else None,
                 history=[HistoryEntry(proposal_id=row[0], status=row[2], val_bpb=row[3], unified_diff=row[4],
                                       abort_commentary=row[5], why=row[6])
-                         for row in con.execute(projections.history_sql(recent, top)).fetchall()])
+                         for row in con.execute(projections.history_sql(recent, top)).fetchall()],
+                confirm_sigmas=_gate(con), sigma_noise=sigma(noise_ss, noise_dof), noise_dof=noise_dof,
+                baseline_proposal_id=baseline, noise_runs=noise_runs,
+                candidates=[Candidate(proposal_id=row[0], code_sha256=row[1], val_bpb=row[2], beat_by=row[3],
+                                      sigma_noise=row[4], confirmations=row[5], failed=row[6])
+                            for row in con.execute(_CANDIDATES).fetchall()])
 
     def code(self, sha256: str) -> str | None:
         """The code with this sha (the empty file for EMPTY_SHA256), or None if no proposal produced it."""
         with self._snapshot() as con:
             return _code(con, sha256)
+
+    def curves(self, request: CurvesRequest) -> list[Curve]:
+        """Finished runs' training curves, oldest first (the evaluator's calibration set)."""
+        with self._snapshot() as con:
+            return read_curves(con, request)
 
     def finished(self, proposal_id: str) -> bool:
         """Whether a run.finished exists for this proposal (a redelivered proposal must not run again)."""
@@ -267,5 +304,16 @@ def _code(con: duckdb.DuckDBPyConnection, sha256: str) -> str | None:
     return row[0] if row else None
 
 
+def _meta(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
+    row = con.execute("SELECT value FROM meta WHERE key = $1", [key]).fetchone()
+    return row[0] if row else None
+
+
 def _set_meta(con: duckdb.DuckDBPyConnection, key: str, value: str) -> None:
     con.execute("INSERT OR REPLACE INTO meta VALUES ($1, $2)", [key, value])
+
+
+def _gate(con: duckdb.DuckDBPyConnection) -> float:
+    """The confirm_sigmas the file's verdicts were judged with (the default for a file from before the gate)."""
+    stored = _meta(con, GATE_KEY)
+    return Settings().confirm_sigmas if stored is None else float(stored)

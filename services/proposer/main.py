@@ -2,7 +2,8 @@
 
     python -m services.proposer
 
-State comes from the ledger at every step (c*, experiment count), so a restart resumes the search.
+State comes from the ledger at every step (c*, experiment count, σ_noise, candidates awaiting
+confirmation), so a restart resumes the search, its noise repeats and its confirmations.
 The work queue is kept exactly one proposal deep beyond what the executors hold: as soon as no
 proposal is waiting, the next is made, whatever the number of executors or slots.
 """
@@ -49,7 +50,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         terminated = reason
         if reason is None and await bus.pending_proposals() < 1:
             try:
-                proposal = next_proposal(state, baseline, config.proposer.seed, producer)
+                proposal = next_proposal(state, baseline, config.proposer, config.executor.seed, producer)
             except GridError as error:  # c* has no constant left to move: nothing to search
                 log.error("TERMINATE: random search cannot mutate c*: %s", error)
                 await stop.wait()

@@ -1,7 +1,10 @@
 """Random search, the policy before the learner exists: what to propose next, and when to stop.
 
 Pure functions of the ledger's state, so a restarted proposer continues exactly where it stopped:
-the k-th proposal's mutation is drawn from a generator seeded by (seed, k).
+the k-th proposal's mutation is drawn from a generator seeded by (seed, k), a repeat's run seed is
+derived from k too. Besides the search it proposes the repeats the keep gate (services/ledger/gate.py)
+needs: noise repeats of the baseline, which measure σ_noise, and the confirmation of every unconfirmed
+best, which decides whether it becomes c*.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from datetime import datetime
 from services.proposer.grid import mutate
 from shared.config import Proposer as Settings
 from shared.diffs import EMPTY_SHA256, apply_ops, code_sha256, unified_diff
-from shared.events import EditOp, ProposalCreated, new_id, now
-from shared.queries import LedgerState
+from shared.events import EditOp, ProposalCreated, Purpose, new_id, now
+from shared.queries import Candidate, LedgerState
 
 POLICY = "random-search"
 POLICY_VERSION = "grid-v1"
@@ -34,15 +37,52 @@ def termination_reason(state: LedgerState, settings: Settings, at: datetime) -> 
     return None
 
 
-def next_proposal(state: LedgerState, baseline_code: str, seed: int, producer: str) -> ProposalCreated:
-    """The human baseline first (inserted into the empty file), then one grid mutation of c*."""
+def next_proposal(state: LedgerState, baseline_code: str, settings: Settings, executor_seed: int,
+                  producer: str) -> ProposalCreated:
+    """The human baseline first (inserted into the empty file), then its noise repeats, then one grid
+    mutation of c* at a time; a candidate waiting for its confirmation run goes before any mutation."""
     if state.experiments == 0:
         return _proposal(producer, EMPTY_SHA256, "", baseline_code,
                          [EditOp("insert", 1, 0, baseline_code)], "the unmodified train.py: the human baseline")
+    seed = fresh_seed(executor_seed, state.experiments)
+    if state.noise_runs < settings.noise_repeats:
+        return _repeat(producer, code_sha256(baseline_code), state.baseline_proposal_id, "noise", seed,
+                       f"noise repeat {state.noise_runs + 1} of {settings.noise_repeats} of the baseline "
+                       f"(seed {seed}): measures σ_noise for the keep gate")
+    candidate = next((c for c in state.candidates if c.confirmations == c.failed), None)
+    if candidate is not None:
+        return _repeat(producer, candidate.code_sha256, candidate.proposal_id, "confirm", seed,
+                       confirmation_rationale(candidate, state.confirm_sigmas, seed))
     parent = state.c_star_code if state.c_star_code is not None else baseline_code
-    mutation = mutate(parent, random.Random(f"{seed}:{state.experiments}"))
+    mutation = mutate(parent, random.Random(f"{settings.seed}:{state.experiments}"))
     return _proposal(producer, code_sha256(parent), parent, apply_ops(parent, mutation.ops), mutation.ops,
                      mutation.description)
+
+
+def fresh_seed(executor_seed: int, experiments: int) -> int:
+    """The seed of a repeat proposed as experiment number `experiments` + 1: the executor's seed plus that
+    count (at least 1), so never the seed the searched runs use, and never the same for two repeats."""
+    return executor_seed + experiments
+
+
+def confirmation_rationale(candidate: Candidate, confirm_sigmas: float, seed: int) -> str:
+    """e.g. "confirmation of <id> (beat bpb* by 0.0012 < 2σ_noise = 0.0030; seed 7)"."""
+    attempt = f", attempt {candidate.failed + 1}" if candidate.failed else ""
+    if candidate.sigma_noise is None:
+        why = f"beat bpb* by {candidate.beat_by:.4f}; σ_noise not known yet"
+    else:
+        why = (f"beat bpb* by {candidate.beat_by:.4f} < {confirm_sigmas:g}σ_noise = "
+               f"{confirm_sigmas * candidate.sigma_noise:.4f}")
+    return f"confirmation of {candidate.proposal_id}{attempt} ({why}; seed {seed})"
+
+
+def _repeat(producer: str, code_sha: str, of: str | None, purpose: Purpose, seed: int,
+            rationale: str) -> ProposalCreated:
+    """A run of existing code with another seed: no ops, the code itself as the parent."""
+    return ProposalCreated(event_id=new_id(), producer=producer, ts=now(), proposal_id=new_id(),
+                           parent_code_sha256=code_sha, ops=[], unified_diff="", policy=POLICY,
+                           policy_version=POLICY_VERSION, rationale=rationale, seed=seed, repeat_of=of,
+                           purpose=purpose)
 
 
 def _proposal(producer: str, parent_sha: str, parent: str, child: str, ops: list[EditOp],

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import msgspec
 
+STEP_BUDGET_WALL_FACTOR = 10
+"""In step/token budget mode the outer limit is this many times T_max (compute is not metered)."""
+
 
 class TargetConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Frozen constants of one research target. The agent never sees a way to change these."""
@@ -41,6 +44,11 @@ class TargetConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Wall-clock allowed for exporting the model and for the frozen evaluation."""
     progress_interval_s: float = 1.0
     """Minimum seconds between progress records."""
+
+    def wall_limit_s(self, budget_unit: str) -> float:
+        """The hard wall-clock limit of one run: no run lives longer than this."""
+        training = self.time_budget_s * (1 if budget_unit == "seconds" else STEP_BUDGET_WALL_FACTOR)
+        return self.startup_allowance_s + training + self.eval_allowance_s
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ class Progress(msgspec.Struct, frozen=True, kw_only=True):
 
     phase: Phase
     elapsed_train_s: float = 0.0
+    budget_used: float = 0.0
+    """Fraction of the budget spent, in [0, 1], whatever its unit (the clock the LR schedules follow)."""
     step: int = 0
     train_loss: float | None = None
     nonfinite_loss: bool = False

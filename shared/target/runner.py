@@ -51,8 +51,6 @@ from shared.target.records import Budget, Progress, RunContext, RunResult, Statu
 from shared.target.sandbox import abi_version
 from shared.target.trainer import NOT_SUBMITTED_EXIT
 
-STEP_BUDGET_WALL_FACTOR = 10
-"""In step/token budget mode the outer limit is this many times T_max (compute is not metered)."""
 POLL_S = 0.2
 """How often the supervisor checks the clock, a stop request and the limits of a running process."""
 MAX_PROGRESS_LINE = 1 << 16
@@ -148,9 +146,7 @@ def run_target(
     context = _context(target, data, workspace, budget, seed, device, write_end, root)
     (run_dir / "context.json").write_bytes(msgspec.json.encode(context))
     launcher = _Launcher(run_dir, limits, device, config.cpu_threads, uid, visible_devices)
-    limit = config.startup_allowance_s + config.eval_allowance_s + config.time_budget_s * (
-        1 if budget.unit == "seconds" else STEP_BUDGET_WALL_FACTOR
-    )
+    limit = config.wall_limit_s(budget.unit)
     try:
         with hold_slot(uid):
             return _train_and_judge(run, launcher, _Guard(limits, uid, stop), (read_end, write_end), limit,

@@ -119,6 +119,7 @@ class Session:
         return Progress(
             phase=phase,  # type: ignore[arg-type]
             elapsed_train_s=round(self._train_s, 3),
+            budget_used=round(self.progress(), 5),
             step=self._steps,
             train_loss=loss if loss is not None and math.isfinite(loss) else None,
             nonfinite_loss=loss is not None and not math.isfinite(loss),
