@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import executor, ledger
+from bench import evaluator, executor, ledger
 from bench.report import write
 
 BENCHMARKS = {
@@ -12,6 +12,8 @@ BENCHMARKS = {
     "ledger_nats_ingest": ledger.nats_ingest_rate,
     "ledger_replay_1m": ledger.replay_time,
     "executor_overhead": executor.overhead,
+    "evaluator_replay": evaluator.replay_figures,
+    "abort_latency": evaluator.abort_latency,
 }
 
 

@@ -5,6 +5,8 @@
     autoresearch tail 'run.>'                                print events as they are published
     autoresearch sql "SELECT * FROM experiments"             read-only SQL on the ledger
     autoresearch replay                                      rebuild the ledger's projections from its log
+    autoresearch evaluator record --runs 200                 record complete curves (no aborts) to a file
+    autoresearch evaluator replay bench/data/curves_cpu_gpt.jsonl   abort decisions replayed, with baselines
     autoresearch target prepare targets/cpu_gpt              build the tokenized data (cached)
     autoresearch target run targets/cpu_gpt [--budget-steps N | --budget-tokens N | --budget-seconds S]
     autoresearch target download climbmix --shards 8        fetch parquet shards (needs internet)
@@ -16,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -31,6 +34,7 @@ from services.ledger.store import Ledger
 from shared import queries, stack
 from shared.bus import Bus
 from shared.config import Config, ConfigError, load_config
+from shared.curves import CurvesRequest, read_curves, write_curves
 from shared.target.config import TargetError, load_target
 from shared.target.data import DOWNLOADABLE, download, prepare
 from shared.target.records import Budget, Progress
@@ -181,6 +185,50 @@ def _offline_ledger(config: Config, read_only: bool = True) -> Ledger:
     return Ledger(config.ledger_path, read_only=read_only)
 
 
+RECORD_SERVICES = ("ledger", "executor", "proposer")
+"""Recording complete curves: the loop without the evaluator, so no run is cut short."""
+OK_RUNS = "SELECT count(*) FROM experiments WHERE status = 'ok'"
+
+
+def cmd_evaluator_record(args: argparse.Namespace) -> int:
+    recording = f"{Path(load_config().stack.target).name}_seed{load_config().proposer.seed}"
+    os.environ["AUTORESEARCH_STACK_DATA_DIR"] = args.data_dir or f".data/record-{recording}"  # for the services too
+    config = load_config()
+    out = Path(args.out or f"bench/data/curves_{recording}.jsonl")
+
+    def enough() -> bool:
+        try:
+            done = _sql_over_http(config.ledger.http_port, OK_RUNS).rows[0][0]
+        except (OSError, ValueError):  # the ledger is starting
+            return False
+        print(f"record: {done}/{args.runs} complete runs", file=sys.stderr)
+        return done >= args.runs
+
+    if not config.ledger_path.is_file() or _offline_ledger(config).query(OK_RUNS).rows[0][0] < args.runs:
+        stack.up(config, RECORD_SERVICES, until=enough)
+    curves = _offline_ledger(config).curves(CurvesRequest(limit=2**31 - 1, complete_only=False))
+    write_curves(out, curves)
+    print(f"{len(curves)} finished runs ({sum(c.complete for c in curves)} complete) -> {out}")
+    return 0
+
+
+def cmd_evaluator_replay(args: argparse.Namespace) -> int:
+    from services.evaluator.replay import replay as replay_decisions  # scipy: only this command needs it
+
+    result = replay_decisions([read_curves(Path(path)) for path in args.curves], load_config().evaluator)
+    _print_table(["rule", "aborted", "mu_abort", "G", "false aborts [95%]", "would-be best", "ms/look p50/p99"],
+                 [[name, f"{r['aborted']}/{r['runs']}", r["mu_abort"], r["G"],
+                   f"{r['false_aborts']}/{r['good_runs']} = {r['false_abort_rate']:.1%} "
+                   f"[{r['false_abort_rate_95'][0]:.1%}, {r['false_abort_rate_95'][1]:.1%}]",
+                   r["aborted_would_be_best"], f"{r['decision_ms_median']}/{r['decision_ms_p99']}"]
+                  for name, r in result["rules"].items()])
+    print(f"\n{result['runs']} complete runs in {result['sequences']} recording(s), p_bad {result['p_bad']}; forecast: "
+          + json.dumps(result["forecast"], ensure_ascii=False))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="autoresearch", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,6 +245,23 @@ def parser() -> argparse.ArgumentParser:
     sql.set_defaults(handler=cmd_sql)
     commands.add_parser("replay", help="drop the ledger's projections and rebuild them from its event log"
                         ).set_defaults(handler=cmd_replay)
+    evaluator = commands.add_parser("evaluator", help="record complete curves; replay abort decisions on them")
+    evaluator_verbs = evaluator.add_subparsers(dest="verb", required=True)
+    record = evaluator_verbs.add_parser("record", help="run the loop without aborts until N complete runs, "
+                                                       "then write every finished run's curve to a file")
+    record.add_argument("--runs", type=int, default=200, help="complete (ok) runs to record (default 200)")
+    record.add_argument("--data-dir", help="the recording loop's own data dir, so it can be resumed "
+                                           "(default .data/record-<target>_seed<proposer seed>)")
+    record.add_argument("--out", help="default bench/data/curves_<target>_seed<proposer seed>.jsonl; "
+                                      "another proposer seed (AUTORESEARCH_PROPOSER_SEED) is another recording")
+    record.set_defaults(handler=cmd_evaluator_record)
+    replayed = evaluator_verbs.add_parser("replay", help="the evaluator's and the baselines' decisions on "
+                                                         "recorded curves, in the order the runs finished")
+    replayed.add_argument("curves", nargs="+", help="curves files written by `evaluator record`, each one loop's "
+                                                   "history, replayed from its start")
+    replayed.add_argument("--json", help="also write the full results to this file")
+    replayed.set_defaults(handler=cmd_evaluator_replay)
+
     target = commands.add_parser("target", help="research targets: prepare data, run one experiment")
     verbs = target.add_subparsers(dest="verb", required=True)
 

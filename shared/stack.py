@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -20,10 +21,11 @@ import msgspec
 from shared.config import Config
 from shared.nats_server import EmbeddedServer
 
-SERVICES = ("ledger", "executor", "proposer")
+SERVICES = ("ledger", "executor", "evaluator", "proposer")
 """Start order; they stop in reverse, so nothing is proposed that no executor will take."""
 STOP_GRACE_S = 30.0
 MAX_BACKOFF_S = 60.0
+UNTIL_EVERY_S = 10.0
 HEALTHY_AFTER_S = 120.0
 """A service that ran this long before dying is restarted at once, not after the backed-off delay."""
 
@@ -96,7 +98,8 @@ class Service:
             self.process.wait()
 
 
-def up(config: Config) -> int:
+def up(config: Config, services: Sequence[str] = SERVICES, until: Callable[[], bool] | None = None) -> int:
+    """Run the stack until Ctrl-C / `down`, or until `until()` (asked every few seconds) says it is done."""
     if (other := running_stack(config)) is not None:
         raise RuntimeError(f"a stack is already up (pid {other.pid}); stop it with `autoresearch down`")
     config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -104,24 +107,29 @@ def up(config: Config) -> int:
     urls = config.nats.urls
     stack_file(config).write_bytes(msgspec.json.encode(StackFile(os.getpid(), urls, config.ledger.http_port)))
     env = os.environ | {"AUTORESEARCH_NATS_SERVERS": ",".join(urls), "PYTHONUNBUFFERED": "1"}
-    services = [Service(name, env) for name in SERVICES]
+    running = [Service(name, env) for name in services]
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
     _say(f"NATS at {', '.join(urls)}{' (embedded)' if server else ''}; ledger SQL on "
          f"http://127.0.0.1:{config.ledger.http_port}; tail with `autoresearch tail 'run.>'`; Ctrl-C stops")
     try:
-        for service in services:
+        for service in running:
             service.start()
+        checked = time.monotonic()
         while not stopping.wait(0.5):
+            if until is not None and time.monotonic() - checked > UNTIL_EVERY_S:
+                checked = time.monotonic()
+                if until():
+                    break
             if server and server.process and server.process.poll() is not None:
                 _say(f"nats-server exited with code {server.process.returncode}; restarting it (see {server.log_file})")
                 server.start()
-            for service in services:
+            for service in running:
                 service.check()
     finally:
         _say("stopping")
-        for service in reversed(services):
+        for service in reversed(running):
             service.stop()
         if server:
             server.stop()
