@@ -101,6 +101,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     sigma = "-" if state.sigma_h is None else f"{state.sigma_h:.4f}"
     print(f"experiments: {state.experiments} proposed, {state.finished} finished, {state.outstanding} outstanding")
     print(f"best val-bpb: {best}; sigma_h {sigma}; {state.since_best} finished since the last new best")
+    noise = "unknown yet" if state.sigma_noise is None else f"{state.sigma_noise:.4f} ({state.noise_dof} dof)"
+    print(f"noise floor sigma_noise {noise}; {len(state.candidates)} unconfirmed best(s) awaiting confirmation")
     print(f"ledger at stream seq {state.cursor}")
     return 0
 
