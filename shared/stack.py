@@ -23,6 +23,8 @@ from shared.nats_server import EmbeddedServer
 
 SERVICES = ("ledger", "executor", "evaluator", "proposer")
 """Start order; they stop in reverse, so nothing is proposed that no executor will take."""
+PREFIX = max(map(len, SERVICES)) + 1
+"""Width of the service name that starts every log line."""
 STOP_GRACE_S = 30.0
 MAX_BACKOFF_S = 60.0
 UNTIL_EVERY_S = 10.0
@@ -157,9 +159,9 @@ def down(config: Config, timeout: float = 2 * STOP_GRACE_S * len(SERVICES)) -> i
 
 def _relay(name: str, stream) -> None:
     for line in iter(stream.readline, b""):
-        sys.stdout.write(f"{name:<9}| {line.decode('utf-8', errors='replace')}")
+        sys.stdout.write(f"{name:<{PREFIX}}| {line.decode('utf-8', errors='replace')}")
         sys.stdout.flush()
 
 
 def _say(message: str) -> None:
-    print(f"{'stack':<9}| {message}", flush=True)
+    print(f"{'stack':<{PREFIX}}| {message}", flush=True)
