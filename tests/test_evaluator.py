@@ -138,7 +138,9 @@ def test_self_evaluator_aborts_a_loser_and_lets_a_would_be_best_finish():
         verdicts[name] = [evaluator.judge(run, k, bpb_star, sigma_h) for k in range(len(evaluator.looks))]
     assert any(v.abort for v in verdicts["loser"])
     assert not any(v.abort for v in verdicts["winner"])
-    assert not any(v.abort for v in verdicts["loser"] if v.prediction and v.prediction.look < 2)  # min_fraction
+    early = [v for v, at in zip(verdicts["loser"], SelfEvaluator(SETTINGS, []).looks, strict=True)
+             if at < SETTINGS.min_fraction - 1e-9]
+    assert early and all(not v.abort and v.reason == "too early" for v in early)  # no decision before min_fraction
 
 
 def test_a_diverged_run_is_aborted_at_once_even_in_warm_up():
