@@ -92,7 +92,7 @@ class Evaluator(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A forecast and decision every this fraction of the budget (the paper's Δt = 30 s of T_max = 300 s)."""
     min_fraction: float = 0.3
     """No decision before this fraction of the budget."""
-    warmup_runs: int = 20
+    warmup_runs: int = 10
     """Complete runs to calibrate on before any abort."""
     audit_fraction: float = 0.05
     """Runs never aborted (chosen by run id), so complete curves of every kind keep calibrating the forecast."""

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from services.evaluator.calibration import Prediction
+from services.evaluator.calibration import Calibration, Features, Prediction, small_sample_factor
 from services.evaluator.decision import Situation, boundary, judge, naive_statistic, sprt_statistic, threshold
 from services.evaluator.judge import LiveRun, SelfEvaluator, audited, looks
 from services.evaluator.replay import forecast_quality, replay
@@ -118,6 +118,17 @@ def test_a_run_near_the_threshold_is_not_aborted():
     assert not judge(near, COVARIANCE, _situation(), SETTINGS).abort
 
 
+def test_a_late_bloomer_is_not_aborted_on_the_combination_while_its_newest_forecast_may_reach_tau():
+    # forecasts rising look after look, the early ones much less certain: the GLS combination, leaning on the
+    # looks' correlation, lands beyond every forecast (2.26); the newest forecast's own interval reaches τ = 2.05
+    sd = np.array([0.30, 0.20, 0.12, 0.06])
+    covariance = 0.95 * np.outer(sd, sd) + np.diag(0.05 * sd**2)
+    bloomer = [Prediction(z, s, look, False) for look, (z, s) in enumerate(zip([1.5, 1.8, 2.0, 2.12], sd, strict=True))]
+    verdict = judge(bloomer, covariance, _situation(), SETTINGS)
+    assert verdict.statistic >= verdict.boundary and not verdict.abort
+    assert "newest forecast's interval still reaches τ" in verdict.commentary
+
+
 def test_audit_runs_are_a_stable_share_chosen_by_run_id():
     share = np.mean([audited(f"run-{i}", SETTINGS) for i in range(20_000)])
     assert share == pytest.approx(SETTINGS.audit_fraction, abs=0.01)
@@ -192,3 +203,36 @@ def test_a_run_whose_power_law_is_unusually_uncertain_gets_a_wider_forecast():
                                                        power_high=feature.power + 5 * typical))
     assert narrow.excess_variance == 0 and wide.excess_variance > 0 and wide.std > narrow.std
     assert wide.mean == narrow.mean
+
+
+def test_small_calibration_sets_widen_the_forecast_like_a_student_t():
+    assert small_sample_factor(10) == pytest.approx(7 / 5)
+    assert small_sample_factor(1000) == pytest.approx(1.0, abs=0.01)
+    with pytest.raises(ValueError):
+        small_sample_factor(5)
+
+
+def _one_look_calibration(losses: np.ndarray, finals: np.ndarray) -> Calibration:
+    return Calibration(np.array([0.5]), finals, [[Features(float(x), None, None, None)] for x in losses])
+
+
+def test_a_run_beyond_every_calibration_run_gets_a_wider_forecast():
+    rng = np.random.default_rng(3)
+    losses = rng.uniform(5.0, 6.0, 80)
+    calibration = _one_look_calibration(losses, 0.4 * losses + rng.normal(0, 0.05, 80))
+    line = calibration.loss_lines[0]
+    inside, beyond = Features(5.5, None, None, None), Features(3.0, None, None, None)
+    assert line.extrapolation(inside) == pytest.approx(1.0)
+    assert line.extrapolation(beyond) > 1.3
+    assert calibration.predict(0, beyond).std > calibration.predict(0, inside).std
+
+
+def test_the_forecast_spread_follows_how_well_runs_like_this_one_were_forecast():
+    rng = np.random.default_rng(4)
+    losses = rng.uniform(5.0, 7.0, 120)
+    noise = np.where(losses < 6.0, 0.2, 0.02)  # runs heading for low val-bpb are the hard ones to forecast
+    calibration = _one_look_calibration(losses, 0.4 * losses + rng.normal(0, 1, 120) * noise)
+    hard = calibration.predict(0, Features(5.4, None, None, None))
+    easy = calibration.predict(0, Features(6.6, None, None, None))
+    assert hard.std > 3 * easy.std
+    assert hard.spread_scale > 1 > easy.spread_scale

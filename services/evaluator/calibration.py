@@ -11,7 +11,8 @@ features of the curve so far to val-bpb with a least-squares line fitted on past
 A run whose power law is rejected at a look is mapped by the loss_now line alone. The calibration
 keeps every past run's leave-one-out residual at every look: their spread is the forecast's
 uncertainty at that look (bias is absorbed by the intercept), and their covariance across looks
-is what lets the SPRT combine looks that all share one curve (decision.py).
+is what lets the SPRT combine looks that all share one curve (decision.py). A run's own error spread is
+that of the calibration runs forecast nearest to it, widened when its features lie beyond theirs.
 """
 
 from __future__ import annotations
@@ -28,9 +29,14 @@ Z90 = 1.6449
 """Half-width of a central 90% Gaussian interval, in standard deviations."""
 LEVEL_POINTS = 4
 """Points level_now draws its line through at least."""
-MIN_RUNS_PER_LINE = 5
-"""Past runs a look's line needs at least: three coefficients and two degrees of freedom for the residuals.
-The evaluator's warm-up (warmup_runs, 20 by default) asks for more before it aborts anything."""
+NEIGHBOURS_FRACTION = 0.25
+MIN_NEIGHBOURS = 10
+"""The local error spread (Calibration.local_scale) is measured on this share of the calibration runs, at least
+MIN_NEIGHBOURS of them."""
+MIN_RUNS_PER_LINE = 6
+"""Past runs a look's line needs at least: three coefficients and three degrees of freedom for the residuals
+(small_sample_factor needs more than two). The evaluator's warm-up (warmup_runs) asks for more before it
+aborts anything."""
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,23 @@ class Line:
     coef: np.ndarray
     residuals: dict[int, float]
     """Run index in the calibration set -> leave-one-out residual (observed − predicted val-bpb)."""
+    inverse_gram: np.ndarray
+    """(XᵀX)⁻¹ of the calibration runs' design matrix: how far a new run's features are from theirs."""
+    mean_leverage: float
 
     def predict(self, feature: Features) -> float:
-        x = _design_row(feature, with_power=len(self.coef) == 3)
-        return float(self.coef @ x)
+        return float(self.coef @ self._row(feature))
+
+    def extrapolation(self, feature: Features) -> float:
+        """How much wider than the calibration's typical error this run's error is, as a factor ≥ 1 on the
+        standard deviation. A line's error on a new run grows with its leverage h₀ = x₀ᵀ(XᵀX)⁻¹x₀ as
+        σ²(1 + h₀); the leave-one-out residuals measured σ²(1 + h̄) on average. A run heading for a new best
+        has features beyond every calibration run's, and the line is least sure exactly there."""
+        x = self._row(feature)
+        return float(np.sqrt(max(1.0, (1.0 + x @ self.inverse_gram @ x) / (1.0 + self.mean_leverage))))
+
+    def _row(self, feature: Features) -> np.ndarray:
+        return _design_row(feature, with_power=len(self.coef) == 3)
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,9 @@ class Prediction:
     std: float
     look: int
     uses_power_law: bool
+    spread_scale: float = 1.0
+    """This run's error standard deviation relative to the calibration's at this look: the local spread of
+    runs forecast near it times the line's extrapolation factor; already in `std`."""
     excess_variance: float = 0.0
     """Variance added to the calibration's at this look because this run's power law is more uncertain
     (wider bootstrap interval) than the calibration runs' typically were; already in `std`."""
@@ -115,8 +137,10 @@ class Calibration:
         self.runs = len(finals)
         self.loss_lines = [_fit_line(finals, [row[k] for row in table], with_power=False) for k in range(len(looks))]
         self.power_lines = [_fit_line(finals, [row[k] for row in table], with_power=True) for k in range(len(looks))]
-        self._errors = self._residual_matrix(table)
+        self._errors, self._forecasts = self._residual_matrix(table)
         self.covariance = _pairwise_covariance(self._errors)
+        if self.runs >= MIN_RUNS_PER_LINE:  # fewer runs, no line: nothing is predicted
+            self.covariance *= small_sample_factor(self.runs)
         self.typical_width = [_median_width([row[k] for row in table]) for k in range(len(looks))]
 
     def predict(self, look: int, feature: Features) -> Prediction | None:
@@ -128,8 +152,10 @@ class Calibration:
             # the line saw runs whose bootstrap was this wide typically; beyond that, the run is less certain
             wider = max(0.0, (feature.power_high - feature.power_low) - self.typical_width[look]) / (2 * Z90)
             excess = float(line.coef[2] * wider) ** 2
-        return Prediction(line.predict(feature), float(np.sqrt(self.covariance[look, look] + excess)), look, power,
-                          excess)
+        mean = line.predict(feature)
+        scale = line.extrapolation(feature) * self.local_scale(look, mean)
+        return Prediction(mean, float(np.sqrt(scale**2 * self.covariance[look, look] + excess)),
+                          look, power, scale, excess)
 
     def _line(self, look: int, feature: Features) -> tuple[Line | None, bool]:
         power_line = self.power_lines[look]
@@ -137,9 +163,11 @@ class Calibration:
             return power_line, True
         return self.loss_lines[look], False
 
-    def _residual_matrix(self, table: list[list[Features | None]]) -> np.ndarray:
-        """errors[i, k]: the leave-one-out error of the line that would judge past run i at look k (NaN if none)."""
+    def _residual_matrix(self, table: list[list[Features | None]]) -> tuple[np.ndarray, np.ndarray]:
+        """errors[i, k]: the leave-one-out error of the line that would judge past run i at look k (NaN if none);
+        forecasts[i, k]: that line's forecast for it."""
         errors = np.full((self.runs, len(self.looks)), np.nan)
+        forecasts = np.full((self.runs, len(self.looks)), np.nan)
         for i, row in enumerate(table):
             for k, feature in enumerate(row):
                 if feature is None:
@@ -147,7 +175,28 @@ class Calibration:
                 line, _ = self._line(k, feature)
                 if line is not None and i in line.residuals:
                     errors[i, k] = line.residuals[i]
-        return errors
+                    forecasts[i, k] = line.predict(feature)
+        return errors, forecasts
+
+    def local_scale(self, look: int, forecast: float) -> float:
+        """The error spread of the calibration runs forecast nearest to `forecast` at this look, relative to all
+        runs' spread, as a factor on the standard deviation. Errors are not the same size everywhere: runs far
+        above τ tend to be far above it together, runs near the best are the hardest to tell apart."""
+        known = ~np.isnan(self._errors[:, look])
+        count = max(MIN_NEIGHBOURS, int(NEIGHBOURS_FRACTION * known.sum()))
+        nearest = np.argsort(np.abs(self._forecasts[known, look] - forecast))[:count]
+        local = small_sample_factor(len(nearest)) * float(np.mean(self._errors[known, look][nearest] ** 2))
+        return float(np.sqrt(local / self.covariance[look, look]))
+
+
+def small_sample_factor(runs: int) -> float:
+    """The error variance is estimated from `runs` residuals of lines with up to three coefficients, so a new
+    run's standardised error follows a Student t with ν = runs − 3 degrees of freedom, not a Gaussian. The
+    decision's Gaussian model gets the t's variance, ν/(ν − 2) times the estimate: 1.4 at 10 runs, 1.02 at 100."""
+    dof = runs - 3
+    if dof <= 2:
+        raise ValueError(f"{runs} residuals are too few for a variance")
+    return dof / (dof - 2)
 
 
 def _median_width(column: list[Features | None]) -> float:
@@ -170,9 +219,10 @@ def _fit_line(finals: np.ndarray, column: list[Features | None], with_power: boo
     x = np.array([_design_row(column[i], with_power) for i in rows])  # type: ignore[arg-type]
     y = finals[rows]
     coef, *_ = np.linalg.lstsq(x, y, rcond=None)
-    leverage = np.einsum("ij,ji->i", x, np.linalg.pinv(x.T @ x) @ x.T)
+    inverse_gram = np.linalg.pinv(x.T @ x)
+    leverage = np.einsum("ij,jk,ik->i", x, inverse_gram, x)
     loo = (y - x @ coef) / np.clip(1.0 - leverage, 1e-6, None)
-    return Line(coef, dict(zip(rows, loo.tolist(), strict=True)))
+    return Line(coef, dict(zip(rows, loo.tolist(), strict=True)), inverse_gram, float(leverage.mean()))
 
 
 def _pairwise_covariance(errors: np.ndarray) -> np.ndarray:

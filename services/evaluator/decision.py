@@ -14,6 +14,9 @@ aborted once Λ_k ≥ A = log((1 − β)/β). Because Λ_k is the likelihood rat
 exp(Λ_k) is a martingale under H0 and Wald's inequality gives, for a run that finishes at τ or
 below, P(false abort) ≤ e^(−A) = β/(1 − β) (eq. 8) — under the calibration's Gaussian error model.
 How well that model holds is measured, not assumed: the offline replay reports the realised rate.
+One guard narrows the test further and so keeps the bound: no abort while the newest forecast's own 90%
+interval still reaches τ (the combination can overshoot for a run whose errors break the calibration's
+correlations).
 """
 
 from __future__ import annotations
@@ -114,10 +117,15 @@ def judge(predictions: list[Prediction], covariance: np.ndarray, situation: Situ
                        latest, tau)
     looks = [p.look for p in predictions]
     z = np.array([p.mean for p in predictions])
-    run_covariance = covariance[np.ix_(looks, looks)] + np.diag([p.excess_variance for p in predictions])
+    scale = np.array([p.spread_scale for p in predictions])
+    run_covariance = np.outer(scale, scale) * covariance[np.ix_(looks, looks)] \
+        + np.diag([p.excess_variance for p in predictions])
     evidence = sprt_statistic(z, run_covariance, tau, settings.delta_sigma_h * situation.sigma_h)
     limit = boundary(settings.beta)
-    abort = evidence.statistic >= limit
+    # The combination can land beyond every single forecast when this run's errors do not follow the
+    # calibration's correlations (a late bloomer): then the newest forecast, the best single one, has the last word.
+    newest_reaches_tau = latest.mean - Z90 * latest.std <= tau
+    abort = evidence.statistic >= limit and not newest_reaches_tau
     verdict = Verdict(abort, "abort" if abort else "continue", "", latest, tau, evidence.statistic, limit)
     return Verdict(abort, verdict.reason, _commentary(verdict, situation, evidence), latest, tau,
                    evidence.statistic, limit)
@@ -128,8 +136,10 @@ def _commentary(verdict: Verdict, situation: Situation, evidence: Evidence) -> s
     low, high = verdict.interval
     assert verdict.threshold is not None and verdict.statistic is not None and verdict.boundary is not None
     head = "aborted" if verdict.abort else "continuing"
-    relation = "≥" if verdict.abort else "<"
+    crossed = verdict.statistic >= verdict.boundary
+    relation = "≥" if crossed else "<"
     return (f"{head} at {situation.fraction:.0%} of the budget: forecast val-bpb {verdict.prediction.mean:.4f} "
             f"(90% {low:.4f}–{high:.4f}; all looks combined {evidence.combined:.4f} ± {evidence.combined_std:.4f}) "
             f"vs τ {verdict.threshold:.4f} (bpb* {situation.bpb_star:.4f}); SPRT Λ {verdict.statistic:.2f} "
-            f"{relation} {verdict.boundary:.2f}")
+            f"{relation} {verdict.boundary:.2f}"
+            + ("; the newest forecast's interval still reaches τ" if crossed and not verdict.abort else ""))
