@@ -100,6 +100,50 @@ class Evaluator(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The most recent complete runs the forecast is calibrated on."""
 
 
+class Learner(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The reward (services/learner/rewards.py) and PPO (services/learner/ppo.py). The paper gives no numbers
+    for the reward constants: those defaults are ours, in val-bpb units (rewards are Δbpb-sized, ~0.01-0.5)."""
+
+    lambda_eff: float = 0.01
+    """Weight of the compute-efficiency bonus λ_eff·η, η = ln(throughput / c*'s throughput) clipped to [-1, 1]."""
+    xi: float = 0.02
+    """Novelty bonus ξ·d/(1 + d), d the edit distance to the closest tried diff per line of train.py (§6.3)."""
+    p_syntax: float = 0.1
+    """Penalty of an edit that does not apply or compile, or a model the frozen evaluation refuses."""
+    p_waste: float = 0.05
+    """Penalty of a run the self-evaluator aborted; also the most a finished run's regression costs."""
+    p_crash: float = 0.1
+    """Penalty of a run that crashed or hit the hard wall-clock kill."""
+    clip: float = 0.2
+    """PPO's ε (eq. 2; paper)."""
+    gamma: float = 0.9
+    """Discount per experiment (eq. 3; ours: an edit's effect on later experiments fades within a batch or so)."""
+    gae_lambda: float = 0.95
+    """GAE's λ (eq. 3; paper)."""
+    c1: float = 0.5
+    """Value-loss weight (eq. 4; paper)."""
+    c2: float = 0.01
+    """Entropy-bonus weight (eq. 4; paper)."""
+    warmup_updates: int = 50
+    """The learning rate rises linearly to its value over this many updates (paper)."""
+    learning_rate: float = 5e-5
+    """Adam's learning rate after warm-up (ours: usual for LoRA)."""
+    lora_r: int = 32
+    """LoRA rank on the attention projections (paper)."""
+    lora_alpha: int = 64
+    """LoRA α (paper)."""
+    batch_size: int = 16
+    """Finished search experiments per PPO update (ours)."""
+    minibatch_size: int = 4
+    """Experiments per gradient step (ours)."""
+    epochs: int = 4
+    """Passes over each batch (ours, as CleanRL)."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip (ours, as CleanRL)."""
+    seed: int = 0
+    """Seeds the minibatch shuffling."""
+
+
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stack: Stack = Stack()
     nats: Nats = Nats()
@@ -107,6 +151,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     executor: Executor = Executor()
     proposer: Proposer = Proposer()
     evaluator: Evaluator = Evaluator()
+    learner: Learner = Learner()
 
     @property
     def data_dir(self) -> Path:
