@@ -284,8 +284,12 @@ def mutate(code: str, rng: random.Random, grid: Grid = GRID) -> Mutation:
     if not movable:
         raise GridError("train.py has no constant at its top that the grid can move")
     constant, moves = rng.choice(movable)
-    value = rng.choice(moves)
-    line = split_lines(code)[constant.lineno - 1]
+    return move(split_lines(code), constant, rng.choice(moves))
+
+
+def move(lines: list[str], constant: Constant, value: Number) -> Mutation:
+    """The op that replaces the constant's line, with only its value's characters changed."""
+    line = lines[constant.lineno - 1]
     before = line[constant.col_offset:constant.end_col_offset]
     after = render(value, before)
     new_line = line[:constant.col_offset] + after + line[constant.end_col_offset:]
