@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -15,11 +16,13 @@ from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
     DiscardPolicy,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.object_store import ObjectStore
 
 from shared.events import MAX_EVENT_BYTES, PROPOSAL_CREATED, STREAM, STREAM_SUBJECTS, Event, encode, subject
 
@@ -29,6 +32,8 @@ WORK_QUEUE = "executors"
 """The durable pull consumer every executor shares: each proposal goes to exactly one of them."""
 T = TypeVar("T")
 LEDGER_CONSUMER = "ledger"
+OBJECT_STORE = "artifacts"
+"""JetStream object store bucket of artifacts too large for an event (LoRA adapters); events carry name + sha256."""
 """The ledger's durable consumer of the whole stream."""
 
 
@@ -165,6 +170,25 @@ class Bus:
                 return await self.publish(event)
             except (TimeoutError, nats.errors.Error):
                 await asyncio.sleep(retry_s)
+
+    async def put_object(self, name: str, data: bytes, replicas: int = 1) -> str:
+        """Store an artifact under `name` (a new put replaces it); returns its sha256 for the event that names it."""
+        await (await self._objects(replicas)).put(name, data)
+        return hashlib.sha256(data).hexdigest()
+
+    async def get_object(self, name: str, sha256: str) -> bytes:
+        """The artifact an event names, checked against the sha256 the event carries."""
+        data = (await (await self._objects()).get(name)).data or b""
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ValueError(f"object {name} is not the one the event names (sha256 differs)")
+        return data
+
+    async def _objects(self, replicas: int = 1) -> ObjectStore:
+        try:
+            return await self.js.object_store(OBJECT_STORE)
+        except BucketNotFoundError:
+            return await self.js.create_object_store(OBJECT_STORE, ObjectStoreConfig(bucket=OBJECT_STORE,
+                                                                                     replicas=replicas))
 
     async def close(self) -> None:
         """Close without draining: every publish was already confirmed, and draining a pull

@@ -77,6 +77,16 @@ class ProposalCreated(Event, frozen=True, kw_only=True):
     repeat_of: Id | None = None
     """The proposal whose code this run re-runs (a repeat), else None."""
     purpose: Purpose = "search"
+    prompt: str | None = None
+    """The state s_t as the language-model policy read it (paper §4.1); None for other policies."""
+    candidates: list[str] | None = None
+    """Score mode: the text of every candidate action scored; the chosen one is candidates[action_index]."""
+    action_index: int | None = None
+    completion_token_ids: list[int] | None = None
+    """Generate mode: the tokens the model wrote (`logprob` is their sum), for per-token PPO ratios."""
+    parse_error: str | None = None
+    """Generate mode: why the model's answer is not an edit (then `ops` is empty). The executor records the
+    proposal as invalid with this reason, without running it, so the penalty −p_syntax has its transition."""
 
 
 class RunProgress(Event, frozen=True, kw_only=True):
@@ -123,13 +133,20 @@ class PPOStats(msgspec.Struct, frozen=True, kw_only=True):
     approx_kl: float
     clip_fraction: float
     mean_reward: float
+    reference_kl: float | None = None
+    """KL(π_θ ‖ π_ref), π_ref the model with the adapter disabled."""
+    learning_rate: float | None = None
 
 
 class PolicyUpdated(Event, frozen=True, kw_only=True):
     policy_version: str
     adapter_name: str
+    """The adapter's object in the object store (shared.bus.OBJECT_STORE)."""
     adapter_sha256: str
     stats: PPOStats
+    update_index: int = 0
+    proposals: list[Id] = []
+    """The proposals whose transitions this update learned from: a restarted learner skips them."""
 
 
 AnyEvent = ProposalCreated | RunProgress | RunAborted | RunFinished | PolicyUpdated

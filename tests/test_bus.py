@@ -103,3 +103,13 @@ async def test_ledger_consumer_follows_the_ledger_files_cursor(nats_server):
     events = await bus.pull(LEDGER_CONSUMER)
     assert [m.metadata.sequence.stream for m in await events.fetch(10, timeout=2)] == [2, 3, 4, 5]
     await bus.close()
+
+
+async def test_an_artifact_goes_to_the_object_store_and_comes_back_only_as_named(nats_server):
+    bus = await Bus.connect([nats_server.url], "test")
+    adapter = bytes(range(256)) * 8192  # 2 MiB: more than an event may carry, so in chunks
+    sha256 = await bus.put_object("adapter-v0001", adapter)
+    assert await bus.get_object("adapter-v0001", sha256) == adapter
+    with pytest.raises(ValueError, match="sha256 differs"):
+        await bus.get_object("adapter-v0001", "0" * 64)
+    await bus.close()
