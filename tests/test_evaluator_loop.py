@@ -17,9 +17,10 @@ from shared.diffs import EMPTY_SHA256, code_sha256, ops_between, unified_diff
 from shared.events import EditOp, ProposalCreated, new_id, now
 
 STEPS = 120
-CALIBRATION_RUNS = 5
-LEARNING_RATES = (1e-3, 6e-3, 1.2e-2, 2e-2)
-"""With the baseline's, the runs the evaluator calibrates on before the bad edit."""
+LEARNING_RATES = (5e-4, 1e-3, 2e-3, 3e-3, 4.5e-3, 6e-3, 9e-3, 1.2e-2, 2e-2)
+"""With the baseline's, the runs the evaluator calibrates on before the bad edit: the default warm-up's ten.
+(With fewer, down to calibration.MIN_RUNS_PER_LINE, the Student-t factor widens every forecast a lot.)"""
+CALIBRATION_RUNS = len(LEARNING_RATES) + 1
 
 
 @pytest.fixture(scope="module")
