@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -70,7 +71,35 @@ class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Proposer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The search step's policy (services/proposer/policy.py, paper §4.1) and TERMINATE."""
+
+    policy: Literal["random", "lm-score", "lm-generate", "openai-greedy"] = "random"
+    """random: grid moves of c*'s constants. lm-score: π_θ samples one edit of the catalogue, scored by its
+    log-likelihood after the state prompt. lm-generate: π_θ writes the edit as JSON. openai-greedy: the paper's
+    Greedy LLM baseline, an OpenAI-compatible chat endpoint at temperature 0, no learning."""
     seed: int = 0
+    """Seeds the search step's draws: the k-th proposal's from (seed, k), so a restart repeats them."""
+    model: str = ""
+    """lm-*: a Hugging Face hub id or a local folder; "": the embedded default, an UNTRAINED small model built
+    from this project's own text under data_dir/models/default (offline; it learns only from PPO)."""
+    device: str = ""
+    """lm-*: where the model runs ("cpu", "cuda", "cuda:1"); "": cuda if available, else cpu."""
+    token_limit: int = 8192
+    """The state prompt's length at most, in the policy's tokens (lm-*) or estimated ones (openai-greedy):
+    the oldest experiments are left out to fit (prompt.py). Keep it within the model's context."""
+    temperature: float = 1.0
+    """lm-generate: sampling temperature of π_θ (the learner recomputes the tokens' log-probs with it)."""
+    max_new_tokens: int = 512
+    """lm-generate, openai-greedy: tokens per answer at most."""
+    max_resamples: int = 3
+    """lm-generate, openai-greedy: new samples per step after an answer that is not an edit (each such answer
+    is published with parse_error, so it costs −p_syntax)."""
+    endpoint: str = ""
+    """openai-greedy: the API's base URL, e.g. http://127.0.0.1:8000/v1 (POST {endpoint}/chat/completions)."""
+    api_model: str = ""
+    """openai-greedy: the model name sent to the endpoint; recorded as the proposals' policy_version."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai-greedy: the environment variable holding the API key (unset: no Authorization header)."""
     noise_repeats: int = 2
     """Repeats of the baseline with fresh seeds, right after it: they measure σ_noise for the keep gate."""
     target_bpb: float = 0

@@ -6,7 +6,8 @@ Per proposal: fetch the parent code from the ledger, apply the structured diff a
 target under its budget (shared/target/runner.py: sandbox, limits, hard wall-clock kill), stream
 rate-limited `run.progress`, stop at once on `run.aborted.<run_id>` or a diverged loss, publish exactly
 one `run.finished`, then ack. While it runs the proposal is kept with in-progress acks; if this process
-dies, the silence makes JetStream redeliver it to another executor as a new run.
+dies, the silence makes JetStream redeliver it to another executor as a new run. A proposal with a
+`parse_error` (the policy's answer was no edit) is finished at once as invalid, with that reason, unrun.
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class Executor:
         await ack_after(message)
 
     async def execute(self, proposal: ProposalCreated, run_id: str, seq: int, slot: int) -> RunResult:
+        if proposal.parse_error is not None:  # the policy's answer is no edit: nothing to run (−p_syntax)
+            return unrun_result("invalid", f"the policy's answer is not an edit: {proposal.parse_error}",
+                                self.budget, seed_for(proposal, self.settings.seed))
         reporter = _Reporter(self, proposal, run_id, asyncio.get_running_loop())
         reporter.send(Progress(phase="started"))
         try:

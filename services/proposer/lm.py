@@ -102,7 +102,8 @@ class Policy:
 
 
 def folder_sha256(folder: Path) -> str:
-    """sha256 over the files' names and contents, in name order (what PolicyUpdated.adapter_sha256 names)."""
+    """sha256 over the files' names and contents, in name order: identifies a saved version on disk (the object
+    store and PolicyUpdated.adapter_sha256 name the packed tar's bytes, services/proposer/adapters.py)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(json.dumps(str(path.relative_to(folder))).encode())

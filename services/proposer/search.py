@@ -1,20 +1,23 @@
-"""Random search, the policy before the learner exists: what to propose next, and when to stop.
+"""What to propose next besides the policy's search step, when to stop, and random search itself.
 
 Pure functions of the ledger's state, so a restarted proposer continues exactly where it stopped:
 the k-th proposal's mutation is drawn from a generator seeded by (seed, k), a repeat's run seed is
-derived from k too. Besides the search it proposes the repeats the keep gate (services/ledger/gate.py)
-needs: noise repeats of the baseline, which measure σ_noise, and the confirmation of every unconfirmed
-best, which decides whether it becomes c*.
+derived from k too. Whatever the policy (services/proposer/policy.py), the same runs come first
+(scheduled_proposal): the human baseline, the noise repeats of it that measure σ_noise for the keep gate
+(services/ledger/gate.py), and the confirmation of every unconfirmed best, which decides whether it
+becomes c*. They are recorded as random search's, since no policy chose them. Only the search step
+changes by policy; random search's is grid_proposal (the fourth policy, the one before any learning).
 """
 
 from __future__ import annotations
 
 import random
 from datetime import datetime
+from typing import Any
 
 from services.proposer.grid import mutate
 from shared.config import Proposer as Settings
-from shared.diffs import EMPTY_SHA256, apply_ops, code_sha256, unified_diff
+from shared.diffs import apply_ops, code_sha256, unified_diff
 from shared.events import EditOp, ProposalCreated, Purpose, new_id, now
 from shared.queries import Candidate, LedgerState
 
@@ -39,11 +42,19 @@ def termination_reason(state: LedgerState, settings: Settings, at: datetime) -> 
 
 def next_proposal(state: LedgerState, baseline_code: str, settings: Settings, executor_seed: int,
                   producer: str) -> ProposalCreated:
-    """The human baseline first (inserted into the empty file), then its noise repeats, then one grid
-    mutation of c* at a time; a candidate waiting for its confirmation run goes before any mutation."""
+    """Random search from the first experiment on: every scheduled run, else one grid mutation of c*."""
+    scheduled = scheduled_proposal(state, baseline_code, settings, executor_seed, producer)
+    return scheduled or grid_proposal(state, parent_code(state, baseline_code), settings, producer)
+
+
+def scheduled_proposal(state: LedgerState, baseline_code: str, settings: Settings, executor_seed: int,
+                       producer: str) -> ProposalCreated | None:
+    """The runs that come before any policy's search step, whatever the policy: the human baseline first
+    (inserted into the empty file), then its noise repeats, then the confirmation of a candidate waiting for
+    one. None: the search step is due (services/proposer/policy.py)."""
     if state.experiments == 0:
-        return _proposal(producer, EMPTY_SHA256, "", baseline_code,
-                         [EditOp("insert", 1, 0, baseline_code)], "the unmodified train.py: the human baseline")
+        return edit_proposal(producer, "", [EditOp("insert", 1, 0, baseline_code)],
+                             "the unmodified train.py: the human baseline")
     seed = fresh_seed(executor_seed, state.experiments)
     if state.noise_runs < settings.noise_repeats:
         return _repeat(producer, code_sha256(baseline_code), state.baseline_proposal_id, "noise", seed,
@@ -53,10 +64,19 @@ def next_proposal(state: LedgerState, baseline_code: str, settings: Settings, ex
     if candidate is not None:
         return _repeat(producer, candidate.code_sha256, candidate.proposal_id, "confirm", seed,
                        confirmation_rationale(candidate, state.confirm_sigmas, seed))
-    parent = state.c_star_code if state.c_star_code is not None else baseline_code
+    return None
+
+
+def parent_code(state: LedgerState, baseline_code: str) -> str:
+    """The code a search step edits: c*, or the baseline while no run has finished ok."""
+    return state.c_star_code if state.c_star_code is not None else baseline_code
+
+
+def grid_proposal(state: LedgerState, parent: str, settings: Settings, producer: str) -> ProposalCreated:
+    """The random search step: one constant of `parent` moved one step of the grid, drawn from a generator
+    seeded by (seed, experiment count); grid.GridError when no constant can move."""
     mutation = mutate(parent, random.Random(f"{settings.seed}:{state.experiments}"))
-    return _proposal(producer, code_sha256(parent), parent, apply_ops(parent, mutation.ops), mutation.ops,
-                     mutation.description)
+    return edit_proposal(producer, parent, mutation.ops, mutation.description)
 
 
 def fresh_seed(executor_seed: int, experiments: int) -> int:
@@ -85,8 +105,11 @@ def _repeat(producer: str, code_sha: str, of: str | None, purpose: Purpose, seed
                            purpose=purpose)
 
 
-def _proposal(producer: str, parent_sha: str, parent: str, child: str, ops: list[EditOp],
-              rationale: str) -> ProposalCreated:
+def edit_proposal(producer: str, parent: str, ops: list[EditOp], rationale: str, policy: str = POLICY,
+                  policy_version: str = POLICY_VERSION, **fields: Any) -> ProposalCreated:
+    """A proposal of `ops` against `parent`, with its unified diff; `fields` are the policy's own (logprob,
+    prompt, ...; shared/events.py). Empty ops with a parse_error: an answer that is not an edit."""
     return ProposalCreated(event_id=new_id(), producer=producer, ts=now(), proposal_id=new_id(),
-                           parent_code_sha256=parent_sha, ops=ops, unified_diff=unified_diff(parent, child),
-                           policy=POLICY, policy_version=POLICY_VERSION, rationale=rationale)
+                           parent_code_sha256=code_sha256(parent), ops=ops,
+                           unified_diff=unified_diff(parent, apply_ops(parent, ops)), policy=policy,
+                           policy_version=policy_version, rationale=rationale, **fields)
