@@ -84,9 +84,19 @@ class Proposer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     from this project's own text under data_dir/models/default (offline; it learns only from PPO)."""
     device: str = ""
     """lm-*: where the model runs ("cpu", "cuda", "cuda:1"); "": cuda if available, else cpu."""
-    token_limit: int = 8192
+    backend: Literal["transformers", "vllm"] = "transformers"
+    """lm-*: transformers + peft in the proposer's process (CPU or GPU), or vLLM (GPU only; the `gpu` extra),
+    which serves every adapter version by name from one engine."""
+    gpu_memory: float = 0.4
+    """backend vllm: the fraction of the GPU's memory vLLM reserves (the learner trains on the same GPU)."""
+    max_candidates: int = 16
+    """lm-score: the catalogue actions π_θ chooses among per step, drawn at random (seeded) when the catalogue
+    has more; 0: all. Each candidate is a forward pass over its text in every PPO epoch, hence the CPU-sized
+    default; on a GPU, 0."""
+    token_limit: int = 4096
     """The state prompt's length at most, in the policy's tokens (lm-*) or estimated ones (openai-greedy):
-    the oldest experiments are left out to fit (prompt.py). Keep it within the model's context."""
+    the oldest experiments are left out to fit (prompt.py). Keep it within the model's context. The default
+    fits c*, program.md and a few experiments for the embedded model on a CPU; the paper uses 64,000."""
     temperature: float = 1.0
     """lm-generate: sampling temperature of π_θ (the learner recomputes the tokens' log-probs with it)."""
     max_new_tokens: int = 512

@@ -27,6 +27,8 @@ FINISHED = "ledger.finished"
 REPLAY = "ledger.replay"
 CURVES = "ledger.curves"
 """Training curves of finished runs (shared/curves.py): what the evaluator calibrates on."""
+TRANSITIONS = "ledger.transitions"
+"""The learner's PPO transitions not learned from yet, and the policy versions published so far."""
 
 
 class StateRequest(msgspec.Struct, frozen=True):
@@ -119,6 +121,71 @@ class ReplayReply(msgspec.Struct, frozen=True):
     seconds: float
     rows: dict[str, int]
     """Rows per projection table after the rebuild."""
+
+
+class TransitionsRequest(msgspec.Struct, frozen=True, kw_only=True):
+    limit: int
+    """Transitions at most in the reply (fewer if more would not fit in one NATS message)."""
+    after_finished_seq: int = 0
+    """Only transitions that finished after this stream sequence: the next page."""
+    after_seq: int = 0
+
+
+class Transition(msgspec.Struct, frozen=True, kw_only=True):
+    """One step (s_t, a_t, r_t) of the research MDP (paper §3.1): a finished search experiment proposed by a
+    language-model policy, with what its reward (services/learner/rewards.py) and PPO need. Every field is
+    fixed once the experiment has finished: the context is what the ledger held then."""
+
+    proposal_id: str
+    proposal_seq: int
+    finished_seq: int
+    policy: str
+    policy_version: str
+    """The adapter version that proposed it: PPO's π_θold."""
+    prompt: str
+    """s_t as the policy read it."""
+    candidates: list[str] | None
+    """Score mode: every candidate action's text; a_t is candidates[action_index]."""
+    action_index: int | None
+    completion_token_ids: list[int] | None
+    """Generate mode: the tokens the policy wrote (a_t token by token), also when they did not parse."""
+    parse_error: str | None
+    logprob: float
+    """log π_θold(a_t|s_t) as the proposer computed it (the learner recomputes it, and V(s_t))."""
+    unified_diff: str
+    status: str
+    val_bpb: float | None
+    tokens: int
+    training_s: float
+    bpb_star: float | None
+    """The confirmed best val-bpb before this experiment finished (None before the baseline's)."""
+    throughput: float | None
+    """Training tokens per second of c*'s ok runs finished before this one (None: unknown)."""
+    history: list[str]
+    """The unified diffs of the history buffer h when this experiment finished (the last K finished
+    experiments and the top 5), for the novelty bonus (§6.3)."""
+    file_lines: int
+    """Lines of the code the edit was made on (its parent, c* when proposed)."""
+
+
+class PublishedPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """A policy.updated event: an adapter version the learner published."""
+
+    policy_version: str
+    adapter_name: str
+    adapter_sha256: str
+    update_index: int
+
+
+class TransitionsReply(msgspec.Struct, frozen=True, kw_only=True):
+    pending: int
+    """Transitions finished and not learned from yet (every page of them)."""
+    lm_proposals: int
+    """Search proposals of language-model policies so far, finished or not (0: nothing will ever be learned)."""
+    transitions: list[Transition]
+    """The first `limit` pending transitions after `after_finished_seq`, in the order they finished."""
+    policies: list[PublishedPolicy]
+    """Every version published, oldest first; their `proposals` are the transitions not pending."""
 
 
 async def ask(bus: Bus, subject: str, request: msgspec.Struct, reply: type[T], timeout: float = 15.0) -> T:

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from services.proposer import lm
 from services.proposer.default_model import NOTE, build_default_model
 from services.proposer.lm import BadAction, Policy, generate, load_policy, parse_action, score, token_logprobs
+from shared.config import Learner
 from shared.events import EditOp
 
 CPU_TRAIN_PY = Path(__file__).resolve().parent.parent / "targets" / "cpu_gpt" / "train.py"
@@ -102,11 +103,14 @@ def test_build_reuses_a_complete_build_and_redoes_a_half_written_one(model_dir: 
 # Loading: LoRA on the attention projections, the value head beside it
 
 
-def test_only_the_adapter_and_value_head_train(policy: Policy) -> None:
+@pytest.mark.parametrize("rank", [Learner().lora_r, 8])
+def test_only_the_adapter_and_value_head_train(policy: Policy, rank: int) -> None:
+    if rank != policy.model.peft_config["default"].r:
+        policy = load_policy(policy.base, "cpu", rank=rank, alpha=2 * rank)
     config = policy.model.config
     head_dim = config.hidden_size // config.num_attention_heads
     hidden, kv = config.hidden_size, config.num_key_value_heads * head_dim
-    per_layer = lm.LORA_RANK * ((hidden + hidden) * 2 + (hidden + kv) * 2)  # q, o: h→h; k, v: h→kv
+    per_layer = rank * ((hidden + hidden) * 2 + (hidden + kv) * 2)  # q, o: h→h; k, v: h→kv
     expected = config.num_hidden_layers * per_layer + hidden + 1
     assert sum(p.numel() for p in policy.trainable_parameters()) == expected
     trainable = [name for name, p in policy.model.named_parameters() if p.requires_grad]

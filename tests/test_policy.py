@@ -111,7 +111,7 @@ def scorer(backend: Transformers, **settings: Any) -> LMScore:
 
 
 def test_score_samples_one_catalogue_action_reproducibly_and_records_what_ppo_needs(base: Transformers):
-    policy = scorer(base, seed=3)
+    policy = scorer(base, seed=3, max_candidates=0)
     first, = policy.propose(step())
     again, = policy.propose(step())
     assert (again.action_index, again.ops, again.logprob) == (first.action_index, first.ops, first.logprob)
@@ -133,6 +133,19 @@ def test_score_samples_one_catalogue_action_reproducibly_and_records_what_ppo_ne
 
     later = {next(policy.propose(step(k))).action_index for k in (6, 7)}
     assert len(later | {first.action_index}) > 1  # another count, another draw
+
+
+def test_score_chooses_among_a_seeded_subset_of_the_catalogue(base: Transformers):
+    policy = scorer(base, seed=3, max_candidates=5)
+    first, = policy.propose(step())
+    again, = policy.propose(step())
+    texts = [action.text for action in catalog(CODE)]
+    assert len(first.candidates) == 5 and first.candidates == again.candidates
+    assert first.candidates == sorted(first.candidates, key=texts.index)  # catalogue order
+    later, = policy.propose(step(6))
+    assert later.candidates != first.candidates
+    scores = lm.score(base.policy, first.prompt, first.candidates)  # π over the offered set, as recorded
+    assert first.logprob == pytest.approx(float(scores.log_pi[first.action_index]), abs=1e-5)
 
 
 # --- lm-generate -----------------------------------------------------------------------------------------

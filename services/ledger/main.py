@@ -96,6 +96,7 @@ class LedgerService:
                           lambda r: self.call(lambda: queries.FinishedReply(ledger.finished(r.proposal_id))))
         await self.answer(queries.REPLAY, queries.ReplayRequest, lambda _: self.call(replay, ledger))
         await self.answer(queries.CURVES, CurvesRequest, lambda r: self.call(lambda: CurvesReply(ledger.curves(r))))
+        await self.answer(queries.TRANSITIONS, queries.TransitionsRequest, lambda r: self.call(ledger.transitions, r))
 
 
 def replay(ledger: Ledger) -> queries.ReplayReply:

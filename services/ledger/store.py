@@ -28,6 +28,7 @@ from services.ledger.curves import read_curves
 from services.ledger.gate import sigma
 from services.ledger.projections import DEFAULT_RECENT, DEFAULT_TOP, KIND, insert_rows, utc_naive
 from services.ledger.sql import QueryResult
+from services.ledger.transitions import read_transitions
 from shared.bus import Delivered
 from shared.config import Ledger as Settings
 from shared.curves import Curve, CurvesRequest
@@ -42,7 +43,7 @@ from shared.events import (
     RunProgress,
     decode,
 )
-from shared.queries import Candidate, HistoryEntry, LedgerState
+from shared.queries import Candidate, HistoryEntry, LedgerState, TransitionsReply, TransitionsRequest
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS events (
@@ -234,6 +235,11 @@ class Ledger:
         """Finished runs' training curves, oldest first (the evaluator's calibration set)."""
         with self._snapshot() as con:
             return read_curves(con, request)
+
+    def transitions(self, request: TransitionsRequest) -> TransitionsReply:
+        """The learner's pending PPO transitions, one page, with the counts and the published versions."""
+        with self._snapshot() as con:
+            return read_transitions(con, request)
 
     def finished(self, proposal_id: str) -> bool:
         """Whether a run.finished exists for this proposal (a redelivered proposal must not run again)."""

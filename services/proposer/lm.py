@@ -7,11 +7,11 @@ It acts in one of two ways:
 - generate mode: the model writes its answer token by token, and every token is an action (`generate`,
   `token_logprobs`); `parse_action` turns the answer into edit ops.
 
-PPO (eq. 2–4) trains only the adapter (r = 32, α = 64 on the attention projections, §7.3) and the value
-head V(s), which sits beside the adapter, not inside the peft model. The base weights never change, so
-the same model with the adapter disabled is the reference policy the learner measures its KL against.
-The model stays in eval mode throughout (no dropout), so π_θold and π_θ are computed the same way and
-the first PPO ratio is exactly 1.
+PPO (eq. 2–4) trains only the adapter (on the attention projections; `[learner] lora_r, lora_alpha`, the
+paper's r = 32, α = 64 by default, §7.3) and the value head V(s), which sits beside the adapter, not inside
+the peft model. The base weights never change, so the same model with the adapter disabled is the reference
+policy the learner measures its KL against. The model stays in eval mode throughout (no dropout), so π_θold
+and π_θ are computed the same way and the first PPO ratio is exactly 1.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
+from shared.config import Learner
 from shared.events import EditOp
 
-LORA_RANK = 32
-LORA_ALPHA = 64
 LORA_SEED = 0
 """A fresh adapter's A matrices are drawn from this seed (B starts at zero), so every fresh policy is alike."""
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -111,8 +110,10 @@ def folder_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def load_policy(model: str, device: str, adapter: Path | None = None) -> Policy:
-    """The base model (hub id or local path) with a fresh adapter, or the one saved in `adapter`.
+def load_policy(model: str, device: str, adapter: Path | None = None, rank: int = Learner().lora_r,
+                alpha: int = Learner().lora_alpha) -> Policy:
+    """The base model (hub id or local path) with a fresh adapter of this rank and α, or the one saved in
+    `adapter` (which has its own).
 
     float32 on CPU; bfloat16 on CUDA, where the adapter and value head stay float32 (peft's default)."""
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -121,7 +122,7 @@ def load_policy(model: str, device: str, adapter: Path | None = None) -> Policy:
     value_head = ValueHead(base.config.get_text_config().hidden_size)
     if adapter is None:
         transposed = any(isinstance(module, Conv1D) for module in base.modules())  # GPT-2 stores W as (in, out)
-        config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, fan_in_fan_out=transposed,
+        config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, fan_in_fan_out=transposed,
                             target_modules=attention_projections(base))
         with torch.random.fork_rng(devices=[]):  # built on the CPU, so the CPU generator is the one drawn from
             torch.manual_seed(LORA_SEED)
@@ -158,8 +159,8 @@ class Scores:
     """[N] log π(a|s) = log_softmax(logprob / tokens) over the candidates."""
     entropy: torch.Tensor
     """[] H[π(·|s)], the entropy bonus of eq. 4."""
-    value: torch.Tensor
-    """[] V(s)."""
+    value: torch.Tensor | None
+    """[] V(s); None from a backend without the value head (vLLM: the learner computes it)."""
 
     @property
     def pi(self) -> torch.Tensor:
@@ -194,10 +195,13 @@ def score(policy: Policy, prompt: str, action_texts: list[str], *, grad: bool = 
         per_chunk = max(1, MAX_CACHED_TOKENS // len(prompt_ids))
         logprob = torch.cat([_continuation_logprobs(policy, prompt_cache, first, actions[i:i + per_chunk])
                              for i in range(0, len(actions), per_chunk)])
-        tokens = torch.tensor([len(ids) for ids in actions], device=policy.device)
-        log_pi = (logprob / tokens).log_softmax(0)
-        entropy = -(log_pi.exp() * log_pi).sum()
-    return Scores(logprob, tokens, log_pi, entropy, value)
+        return candidate_scores(logprob, torch.tensor([len(ids) for ids in actions], device=policy.device), value)
+
+
+def candidate_scores(logprob: torch.Tensor, tokens: torch.Tensor, value: torch.Tensor | None) -> Scores:
+    """π over the candidates from their summed log-likelihoods and lengths in tokens (see score)."""
+    log_pi = (logprob / tokens).log_softmax(0)
+    return Scores(logprob, tokens, log_pi, -(log_pi.exp() * log_pi).sum(), value)
 
 
 def _continuation_logprobs(policy: Policy, prompt_cache: list[tuple[torch.Tensor, torch.Tensor]],

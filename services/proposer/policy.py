@@ -121,7 +121,7 @@ class Backend(Protocol):
 
     def generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> lm.Generated: ...
 
-    def value(self, prompt: str) -> float: ...
+    def value(self, prompt: str) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,7 @@ class Transformers:
 
 
 def load_transformers(model: str, device: str, adapter: Path | None, version: str) -> Transformers:
+    """The model with this adapter (None: a fresh one, whose B matrices are zero: the base model)."""
     from services.proposer import lm
 
     return Transformers(lm.load_policy(model, device, adapter), version)
@@ -187,24 +188,31 @@ class LanguageModelPolicy:
 
 
 class LMScore(LanguageModelPolicy):
-    """a ~ π(·|s) over the catalogue's actions (§4.1 in score mode); logprob = log π(a|s), value = V(s)."""
+    """a ~ π(·|s) over the catalogue's actions (§4.1 in score mode); logprob = log π(a|s), value = V(s).
+
+    With more actions than [proposer] max_candidates, π_θ chooses among that many drawn uniformly (kept in
+    catalogue order): the proposal records them, so PPO's ratio is over the same set."""
 
     def propose(self, step: Step) -> Iterator[ProposalCreated]:
-        backend = self.backend
+        backend, settings = self.backend, self.settings
         try:
             actions = catalog(step.parent)
         except GridError as error:
             raise CannotPropose(f"no catalogue for c*: {error}") from None
         if not actions:
             raise CannotPropose("the catalogue has no action that applies to c*")
+        rng = random.Random(f"{settings.seed}:{step.state.experiments}")
+        if 0 < settings.max_candidates < len(actions):
+            actions = [actions[i] for i in sorted(rng.sample(range(len(actions)), settings.max_candidates))]
         prompt = self.prompt(step, backend)
         texts = [action.text for action in actions]
         scores = backend.score(prompt, texts)
-        index = sample_index(scores.pi.tolist(), random.Random(f"{self.settings.seed}:{step.state.experiments}"))
+        index = sample_index(scores.pi.tolist(), rng)
         action = actions[index]
+        value = None if scores.value is None else float(scores.value)
         yield edit_proposal(step.producer, step.parent, action.ops, action.description, LM_SCORE, backend.version,
-                            logprob=float(scores.log_pi[index]), value=float(scores.value), prompt=prompt,
-                            candidates=texts, action_index=index)
+                            logprob=float(scores.log_pi[index]), value=value, prompt=prompt, candidates=texts,
+                            action_index=index)
 
 
 class LMGenerate(LanguageModelPolicy):
