@@ -22,7 +22,8 @@ STEPS_PER_RUN = 12
 
 
 class Loop:
-    """Ledger, executor and proposer as `python -m services.<name>.main`, configured by environment."""
+    """Ledger, executor and proposer as `python -m services.<name>.main`, configured by environment; random search
+    unless told otherwise (it starts quickest: no model to load)."""
 
     def __init__(self, server: EmbeddedServer, target: Path, data_dir: Path, **overrides: object):
         self.data_dir = data_dir
@@ -31,7 +32,7 @@ class Loop:
             "STACK_DATA_DIR": data_dir, "STACK_TARGET": target, "NATS_SERVERS": server.url,
             "LEDGER_HTTP_PORT": self.http_port, "EXECUTOR_BUDGET_UNIT": "steps",
             "EXECUTOR_BUDGET_AMOUNT": STEPS_PER_RUN, "EXECUTOR_ACK_WAIT_S": 3, "EXECUTOR_PROGRESS_INTERVAL_S": 0.2,
-            "PROPOSER_MAX_EXPERIMENTS": 6,
+            "PROPOSER_MAX_EXPERIMENTS": 6, "PROPOSER_POLICY": "random",
         } | overrides
         self.env = os.environ | {"AUTORESEARCH_CONFIG": str(data_dir / "none.toml")} | {
             f"AUTORESEARCH_{key}": str(value) for key, value in settings.items()}

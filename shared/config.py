@@ -73,7 +73,7 @@ class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Proposer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The search step's policy (services/proposer/policy.py, paper §4.1) and TERMINATE."""
 
-    policy: Literal["random", "lm-score", "lm-generate", "openai-greedy"] = "random"
+    policy: Literal["random", "lm-score", "lm-generate", "openai-greedy"] = "lm-score"
     """random: grid moves of c*'s constants. lm-score: π_θ samples one edit of the catalogue, scored by its
     log-likelihood after the state prompt. lm-generate: π_θ writes the edit as JSON. openai-greedy: the paper's
     Greedy LLM baseline, an OpenAI-compatible chat endpoint at temperature 0, no learning."""
