@@ -1,15 +1,19 @@
 # Two commands on a fresh machine: `make up` runs the loop, `make test` checks it.
+# `make up GPU=1` also installs vLLM (the `gpu` extra) for [proposer] backend = "vllm".
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+GPU ?=
+comma := ,
+EXTRAS := dev$(if $(GPU),$(comma)gpu)
+STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
 
 .PHONY: install up down test bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -39,6 +39,7 @@ from services.proposer.main import AdapterFollower
 from services.proposer.policy import (
     LMGenerate,
     LMScore,
+    LoadBackend,
     NotAnEdit,
     OpenAIGreedy,
     PolicyUnavailable,
@@ -47,6 +48,7 @@ from services.proposer.policy import (
     Transformers,
     chat_client,
     draw_seed,
+    load_transformers,
     make_policy,
     parse_edit,
     sample_index,
@@ -103,8 +105,14 @@ def base(model_dir: Path) -> Transformers:
     return Transformers(lm.load_policy(str(model_dir), "cpu"), "base")
 
 
+def loader(backend: Transformers) -> LoadBackend:
+    """`backend` for the base model; a new adapter loaded as the proposer loads it."""
+    return lambda adapter, version: backend if adapter is None else load_transformers(backend.policy.base, "cpu",
+                                                                                      adapter, version)
+
+
 def scorer(backend: Transformers, **settings: Any) -> LMScore:
-    return LMScore(Proposer(policy="lm-score", **settings), PROGRAM, backend, backend.policy.base, "cpu")
+    return LMScore(Proposer(policy="lm-score", **settings), PROGRAM, loader(backend))
 
 
 # --- lm-score ------------------------------------------------------------------------------------------
@@ -153,7 +161,7 @@ def test_score_chooses_among_a_seeded_subset_of_the_catalogue(base: Transformers
 
 def test_generate_publishes_bad_answers_as_parse_errors_and_resamples_a_bounded_number_of_times(base: Transformers):
     settings = Proposer(policy="lm-generate", max_new_tokens=12, max_resamples=2, temperature=1.0, seed=1)
-    policy = LMGenerate(settings, PROGRAM, base, base.policy.base, "cpu")
+    policy = LMGenerate(settings, PROGRAM, loader(base))
     proposals = list(policy.propose(step()))
     assert len(proposals) == 3  # the first sample and two more: the untrained model writes no JSON
     again = lm.generate(base.policy, proposals[1].prompt, 12, 1.0, draw_seed(1, 6))  # sample 2 is proposal 7
@@ -189,7 +197,7 @@ def test_generate_publishes_a_valid_answer_with_its_tokens_and_their_log_probabi
     answer = "Here is my edit:\n```json\n" + json.dumps(VALID) + "\n```"
     backend = Forced(base.policy, "v7", answer)
     settings = Proposer(policy="lm-generate", temperature=0.7, max_resamples=3)
-    proposal, = LMGenerate(settings, PROGRAM, backend, base.policy.base, "cpu").propose(step())
+    proposal, = LMGenerate(settings, PROGRAM, loader(backend)).propose(step())
     assert (proposal.parse_error, proposal.policy, proposal.policy_version) == (None, "lm-generate", "v7")
     assert proposal.rationale == VALID["rationale"] and proposal.ops[0].text.startswith("LEARNING_RATE = 6e-3")
     assert proposal.unified_diff.count("\n+L") == 1
@@ -355,8 +363,9 @@ def test_the_proposer_waits_out_an_endpoint_that_is_down_and_loses_nothing(nats_
 
 
 def test_random_search_is_the_grid_step_and_starts_without_torch(tmp_path: Path):
-    proposal, = make_policy(Proposer(), PROGRAM, tmp_path).propose(step())
-    assert isinstance(make_policy(Proposer(), PROGRAM, tmp_path), RandomSearch)
+    policy = make_policy(Proposer(policy="random"), PROGRAM, tmp_path, 32)
+    proposal, = policy.propose(step())
+    assert isinstance(policy, RandomSearch)
     assert (proposal.policy, proposal.policy_version, len(proposal.ops)) == ("random-search", "grid-v1", 1)
     check = "import sys, services.proposer.main; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True,
@@ -366,9 +375,11 @@ def test_random_search_is_the_grid_step_and_starts_without_torch(tmp_path: Path)
 def test_the_embedded_default_is_built_on_first_use_and_said_to_be_untrained(tmp_path: Path,
                                                                               caplog: pytest.LogCaptureFixture):
     with caplog.at_level(logging.WARNING, logger="proposer"):
-        policy = make_policy(Proposer(policy="lm-generate"), PROGRAM, tmp_path)
-    assert isinstance(policy, LMGenerate) and policy.version == "base" and policy.device in ("cpu", "cuda")
-    assert Path(policy.model) == tmp_path / "models" / "default" and "UNTRAINED" in caplog.text
+        policy = make_policy(Proposer(policy="lm-generate"), PROGRAM, tmp_path, 32)
+    assert isinstance(policy, LMGenerate) and policy.version == "base"
+    assert isinstance(policy.backend, Transformers)
+    assert policy.backend.policy.base == str(tmp_path / "models" / "default")
+    assert "UNTRAINED" in caplog.text
 
 
 # --- adapters and hot-loading ----------------------------------------------------------------------------

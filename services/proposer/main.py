@@ -60,7 +60,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     await bus.ensure_work_queue(config.executor.ack_wait_s, config.executor.max_deliver)
     try:
         policy = await asyncio.to_thread(make_policy, config.proposer, (target.path / "program.md").read_text(),
-                                         config.data_dir)
+                                         config.data_dir, config.learner.lora_r)
     except CannotPropose as error:
         log.error("TERMINATE: %s; no proposals", error)
         await stop.wait()

@@ -18,14 +18,15 @@ the chosen index, or the tokens written). The draws are seeded by (seed, experim
 search's are, so a restarted proposer repeats them. The calls block (a model, an HTTP request): main.py runs
 them in a worker thread.
 
-The language model sits behind `Backend`; `Transformers` (transformers + peft, CPU or GPU, lm.py) is the one
-here. A vLLM backend serves the same four methods for one adapter version, and LanguageModelPolicy.load makes
-it instead (see there). lm.py (torch, transformers) is imported only where a model is used, so that the
-proposer with random search starts without torch, like the ledger.
+The language model sits behind `Backend`, one adapter version each, made by a `LoadBackend` (`[proposer]
+backend`): `Transformers` here (transformers + peft, CPU or GPU, lm.py), or vllm_backend.VLLMEngine.backend
+(one vLLM engine on a GPU, each version a LoRA). lm.py (torch, transformers) is imported only where a model is
+used, so that the proposer with random search starts without torch, like the ledger.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -155,6 +156,10 @@ class Transformers:
             return float(self.policy.value_head(out.hidden_states[-1][0, -1].float()))
 
 
+LoadBackend = Callable[[Path | None, str], Backend]
+"""(adapter folder, version) -> π_θ with that adapter; (None, BASE_VERSION): the base model."""
+
+
 def load_transformers(model: str, device: str, adapter: Path | None, version: str) -> Transformers:
     """The model with this adapter (None: a fresh one, whose B matrices are zero: the base model)."""
     from services.proposer import lm
@@ -167,21 +172,19 @@ class LanguageModelPolicy:
     while the proposer runs (hot-loading, main.py). A step reads the backend once, so every proposal is
     sampled and labelled with one adapter version."""
 
-    def __init__(self, settings: Settings, program_md: str, backend: Backend, model: str, device: str) -> None:
+    def __init__(self, settings: Settings, program_md: str, load_backend: LoadBackend) -> None:
         self.settings = settings
         self.program_md = program_md
-        self.backend = backend
-        self.model = model
-        self.device = device
+        self.load_backend = load_backend
+        self.backend = load_backend(None, BASE_VERSION)
 
     @property
     def version(self) -> str:
         return self.backend.version
 
     def load(self, adapter: Path, version: str) -> None:
-        """Propose with this adapter (a folder lm.Policy.save wrote) from the next step on. A vLLM backend
-        plugs in here: one engine for the base model, each adapter a LoRARequest, behind Backend's methods."""
-        self.backend = load_transformers(self.model, self.device, adapter, version)
+        """Propose with this adapter (a folder lm.Policy.save wrote) from the next step on."""
+        self.backend = self.load_backend(adapter, version)
 
     def prompt(self, step: Step, backend: Backend) -> str:
         return state_prompt(step, self.program_md, backend.count_tokens, self.settings.token_limit)
@@ -366,8 +369,9 @@ def not_an_edit(step: Step, answer: str, error: NotAnEdit, policy: str, version:
 # --- the one config key --------------------------------------------------------------------------------
 
 
-def make_policy(settings: Settings, program_md: str, data_dir: Path) -> SearchPolicy:
-    """The policy `[proposer] policy` names; the LM ones start with the base model (no adapter)."""
+def make_policy(settings: Settings, program_md: str, data_dir: Path, lora_rank: int) -> SearchPolicy:
+    """The policy `[proposer] policy` names; the LM ones start with the base model (no adapter) and serve
+    adapters of `lora_rank` ([learner] lora_r: vLLM reserves room for it)."""
     if settings.policy == "random":
         return RandomSearch(settings)
     if settings.policy == OPENAI_GREEDY:
@@ -377,8 +381,12 @@ def make_policy(settings: Settings, program_md: str, data_dir: Path) -> SearchPo
         return OpenAIGreedy(settings, program_md, chat_client(settings))
     model, device = resolve_model(settings.model, data_dir), resolve_device(settings.device)
     kind = LMScore if settings.policy == LM_SCORE else LMGenerate
-    log.info("policy %s: %s on %s", settings.policy, model, device)
-    return kind(settings, program_md, load_transformers(model, device, None, BASE_VERSION), model, device)
+    log.info("policy %s: %s on %s with %s", settings.policy, model, device, settings.backend)
+    if settings.backend == "vllm":
+        from services.proposer.vllm_backend import VLLMEngine
+
+        return kind(settings, program_md, VLLMEngine(model, device, settings.gpu_memory, lora_rank).backend)
+    return kind(settings, program_md, functools.partial(load_transformers, model, device))
 
 
 def resolve_model(model: str, data_dir: Path) -> str:
