@@ -208,10 +208,21 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         await bus.close()
 
 
-def main() -> None:
-    # Runs are timed by the wall clock: on CPU cores shared with an executor, PPO takes only what runs leave idle.
-    # Set before any thread starts, as Linux gives each thread its own priority and new threads inherit it.
+def yield_the_cpu() -> None:
+    """Runs are timed by the wall clock: on CPU cores shared with an executor, PPO should take only what runs
+    leave idle. Called before any thread starts, as Linux gives each thread its own priority and new threads
+    inherit it. Linux with autogroups (the default) first shares the CPU between sessions, then between the
+    processes of each, and every run is a session of its own: os.nice alone ranks the learner only within its
+    session. So a learner that leads its session (as `autoresearch up` starts every service) lowers the whole
+    session's priority too; one started by hand shares its terminal's session, which it leaves alone."""
     os.nice(NICENESS)
+    if os.getsid(0) == os.getpid():
+        with contextlib.suppress(OSError):  # a kernel without autogroups
+            Path("/proc/self/autogroup").write_text(str(NICENESS))
+
+
+def main() -> None:
+    yield_the_cpu()
     run_service("learner", serve)
 
 
