@@ -10,6 +10,8 @@ import json
 import math
 import random
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ import msgspec
 import pytest
 import torch
 
-from bench.loop import Loop
+from bench.loop import REPO, Loop
 from services.learner.batches import reward_of, select, to_batch
 from services.learner.main import version_name
 from services.learner.ppo import RunningMoments, gae
@@ -317,6 +319,17 @@ def test_ppo_on_a_bandit_of_candidate_diffs_raises_the_rewarded_ones_probability
     after = pi()
     assert after[rewarded] > before[rewarded] + 0.15, (before, after)  # measured: 0.34 -> 0.56
     assert all(after[i] < before[i] for i in range(len(CANDIDATES)) if i != rewarded)
+
+
+@pytest.mark.skipif(not Path("/proc/self/autogroup").exists(), reason="the kernel has no autogroups")
+@pytest.mark.parametrize("own_session", [True, False])
+def test_the_learner_yields_the_cpu_to_runs_in_other_sessions(own_session: bool):
+    check = ("import os; from services.learner.main import yield_the_cpu; yield_the_cpu(); "
+             "print(os.nice(0), open('/proc/self/autogroup').read().split()[-1])")
+    ours = Path("/proc/self/autogroup").read_text().split()[-1]
+    shown = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True,
+                           start_new_session=own_session).stdout.split()
+    assert shown == ["19", "19" if own_session else ours]  # as `autoresearch up` starts it; by hand, in a shell
 
 
 # ---------------------------------------------------------------------------------------------
