@@ -27,9 +27,6 @@ from services.learner.ppo import RunningMoments, gae
 from services.learner.update import Trainer, adapter_of, load_moments, save_version
 from services.ledger import transitions as ledger_transitions
 from services.ledger.store import Ledger
-from services.proposer.adapters import unpack_adapter
-from services.proposer.default_model import build_default_model
-from services.proposer.lm import Policy, folder_sha256, load_policy, score, token_logprobs
 from shared.bus import Bus, Delivered
 from shared.config import Learner
 from shared.diffs import EMPTY_SHA256, code_sha256, ops_between, unified_diff
@@ -44,6 +41,9 @@ from shared.events import (
     now,
     subject,
 )
+from shared.policy.adapters import unpack_adapter
+from shared.policy.default_model import build_default_model
+from shared.policy.lm import Policy, folder_sha256, load_policy, score, token_logprobs
 from shared.queries import Transition, TransitionsRequest
 from shared.target.records import RunResult, Status
 

@@ -1,4 +1,4 @@
-"""services.proposer.lm and default_model: the policy on the real embedded model, no mocks, no downloads.
+"""shared.policy.lm and default_model: the policy on the real embedded model, no mocks, no downloads.
 
 Log-likelihoods are checked against the plainest computation there is, one full forward pass per action;
 learning is checked by a few gradient steps that must raise the chosen action's probability.
@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from services.proposer import lm
-from services.proposer.default_model import NOTE, build_default_model
-from services.proposer.lm import BadAction, Policy, generate, load_policy, parse_action, score, token_logprobs
 from shared.config import Learner
 from shared.events import EditOp
+from shared.policy import lm
+from shared.policy.default_model import NOTE, build_default_model
+from shared.policy.lm import BadAction, Policy, generate, load_policy, parse_action, score, token_logprobs
 
 CPU_TRAIN_PY = Path(__file__).resolve().parent.parent / "targets" / "cpu_gpt" / "train.py"
 PROMPT = CPU_TRAIN_PY.read_text(encoding="utf-8")[:1500]

@@ -31,10 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from bench.loop import Loop
-from services.proposer import lm
-from services.proposer.adapters import pack_adapter, unpack_adapter
 from services.proposer.catalog import catalog
-from services.proposer.default_model import build_default_model
 from services.proposer.main import AdapterFollower
 from services.proposer.policy import (
     LMGenerate,
@@ -58,6 +55,9 @@ from shared.config import Proposer
 from shared.diffs import apply_ops, code_sha256
 from shared.events import PolicyUpdated, PPOStats, new_id, now
 from shared.nats_server import free_port
+from shared.policy import lm
+from shared.policy.adapters import pack_adapter, unpack_adapter
+from shared.policy.default_model import build_default_model
 from shared.queries import HistoryEntry, LedgerState
 
 CODE = '''"""A small train.py: a few constants on top, as the targets have them."""
@@ -374,7 +374,7 @@ def test_random_search_is_the_grid_step_and_starts_without_torch(tmp_path: Path)
 
 def test_the_embedded_default_is_built_on_first_use_and_said_to_be_untrained(tmp_path: Path,
                                                                               caplog: pytest.LogCaptureFixture):
-    with caplog.at_level(logging.WARNING, logger="proposer"):
+    with caplog.at_level(logging.WARNING, logger="policy"):
         policy = make_policy(Proposer(policy="lm-generate"), PROGRAM, tmp_path, 32)
     assert isinstance(policy, LMGenerate) and policy.version == "base"
     assert isinstance(policy.backend, Transformers)

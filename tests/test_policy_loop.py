@@ -18,10 +18,10 @@ from conftest import make_target
 from test_loop import FINISHED, assert_every_event_once
 
 from bench.loop import Loop
-from services.proposer import lm
 from shared.bus import Bus
 from shared.diffs import code_sha256
 from shared.events import ProposalCreated, new_id, now
+from shared.policy import lm
 
 SEARCH_STEPS = 2
 """lm-score steps after the baseline: one PPO batch."""

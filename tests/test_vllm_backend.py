@@ -13,8 +13,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from services.proposer import lm
-from services.proposer.default_model import build_default_model
 from services.proposer.vllm_backend import (
     VLLMEngine,
     cuda_device_ids,
@@ -24,6 +22,8 @@ from services.proposer.vllm_backend import (
     scores_from_token_logprobs,
 )
 from shared.config import Learner
+from shared.policy import lm
+from shared.policy.default_model import build_default_model
 
 PROMPT = "LEARNING_RATE = 3e-4\nN_LAYER = 4\n# propose one edit\n"
 ACTIONS = ["N_LAYER = 6  # deeper\n", "=", "LEARNING_RATE = 1e-3\n", "BATCH_SIZE = 64\n"]

@@ -34,12 +34,11 @@ from typing import TYPE_CHECKING
 import msgspec
 from nats.aio.msg import Msg
 
-from services.proposer.adapters import pack_adapter, unpack_adapter
-from services.proposer.policy import resolve_device, resolve_model
 from shared import queries
 from shared.bus import Bus
 from shared.config import Config
 from shared.events import RUN_FINISHED, STREAM, PolicyUpdated, new_id, now
+from shared.policy.adapters import pack_adapter, unpack_adapter
 from shared.queries import PublishedPolicy, Transition, TransitionsReply, TransitionsRequest
 from shared.service import instance_id, run_service
 
@@ -134,7 +133,8 @@ class LearnerService:
         """The trainer on the newest published version (the initial policy before any) and its reward scale."""
         from services.learner.ppo import RunningMoments
         from services.learner.update import Trainer, load_moments
-        from services.proposer.lm import load_policy
+        from shared.policy.default_model import resolve_model
+        from shared.policy.lm import load_policy, resolve_device
 
         latest = policies[-1] if policies else None
         version = latest.policy_version if latest else None

@@ -35,8 +35,8 @@ from torch import Tensor
 
 from services.learner.batches import padded, to_batch
 from services.learner.ppo import Evaluate, RunningMoments, Update, ppo_update
-from services.proposer.lm import Policy, score
 from shared.config import Learner
+from shared.policy.lm import Policy, score
 from shared.queries import Transition
 
 MOMENTS_FILE = "running_moments.json"

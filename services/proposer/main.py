@@ -24,7 +24,6 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from services.proposer.adapters import unpack_adapter
 from services.proposer.policy import (
     CannotPropose,
     LanguageModelPolicy,
@@ -39,6 +38,7 @@ from shared.bus import Bus
 from shared.config import Config
 from shared.config import Proposer as Settings
 from shared.events import POLICY_UPDATED, RUN_FINISHED, STREAM, BadEvent, PolicyUpdated, ProposalCreated, decode, now
+from shared.policy.adapters import unpack_adapter
 from shared.service import instance_id, run_service
 from shared.target.config import load_target
 

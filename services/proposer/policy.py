@@ -50,7 +50,7 @@ from shared.events import EditOp, ProposalCreated
 from shared.queries import LedgerState
 
 if TYPE_CHECKING:
-    from services.proposer import lm
+    from shared.policy import lm
 
 log = logging.getLogger("proposer")
 
@@ -136,12 +136,12 @@ class Transformers:
         return len(self.policy.tokenizer(text)["input_ids"])
 
     def score(self, prompt: str, actions: list[str]) -> lm.Scores:
-        from services.proposer import lm
+        from shared.policy import lm
 
         return lm.score(self.policy, prompt, actions)
 
     def generate(self, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> lm.Generated:
-        from services.proposer import lm
+        from shared.policy import lm
 
         return lm.generate(self.policy, prompt, max_new_tokens, temperature, seed)
 
@@ -162,7 +162,7 @@ LoadBackend = Callable[[Path | None, str], Backend]
 
 def load_transformers(model: str, device: str, adapter: Path | None, version: str) -> Transformers:
     """The model with this adapter (None: a fresh one, whose B matrices are zero: the base model)."""
-    from services.proposer import lm
+    from shared.policy import lm
 
     return Transformers(lm.load_policy(model, device, adapter), version)
 
@@ -339,7 +339,7 @@ def draw_seed(seed: int, count: int) -> int:
 def parse_edit(answer: str, parent: str) -> tuple[str, list[EditOp]]:
     """The rationale and ops of an answer, checked as Algorithm 1 checks an action (lines 5-7): the JSON
     parses (lm.parse_action), the ops apply to c*, change it, and the result compiles; else NotAnEdit."""
-    from services.proposer.lm import BadAction, parse_action
+    from shared.policy.lm import BadAction, parse_action
 
     try:
         rationale, ops = parse_action(answer)
@@ -379,6 +379,9 @@ def make_policy(settings: Settings, program_md: str, data_dir: Path, lora_rank: 
             raise CannotPropose("policy openai-greedy needs [proposer] endpoint and api_model")
         log.info("policy openai-greedy: %s at %s, temperature 0", settings.api_model, settings.endpoint)
         return OpenAIGreedy(settings, program_md, chat_client(settings))
+    from shared.policy.default_model import resolve_model
+    from shared.policy.lm import resolve_device
+
     model, device = resolve_model(settings.model, data_dir), resolve_device(settings.device)
     kind = LMScore if settings.policy == LM_SCORE else LMGenerate
     log.info("policy %s: %s on %s with %s", settings.policy, model, device, settings.backend)
@@ -387,24 +390,3 @@ def make_policy(settings: Settings, program_md: str, data_dir: Path, lora_rank: 
 
         return kind(settings, program_md, VLLMEngine(model, device, settings.gpu_memory, lora_rank).backend)
     return kind(settings, program_md, functools.partial(load_transformers, model, device))
-
-
-def resolve_model(model: str, data_dir: Path) -> str:
-    """The model's hub id or folder; "" builds the embedded default on first use (offline, seconds)."""
-    if model:
-        return model
-    from services.proposer.default_model import build_default_model
-
-    folder = build_default_model(data_dir / "models" / "default")
-    log.warning("the policy model is the embedded default at %s: a small UNTRAINED model built from this "
-                "project's own text; it proposes at random until PPO trains it (set [proposer] model for a "
-                "pretrained one)", folder)
-    return str(folder)
-
-
-def resolve_device(device: str) -> str:
-    if device:
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

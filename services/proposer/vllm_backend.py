@@ -28,9 +28,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from services.proposer import lm
 from services.proposer.policy import BASE_VERSION
 from services.proposer.prompt import ANSWER_SCHEMA
+from shared.policy import lm
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput

@@ -102,12 +102,19 @@ class Policy:
 
 def folder_sha256(folder: Path) -> str:
     """sha256 over the files' names and contents, in name order: identifies a saved version on disk (the object
-    store and PolicyUpdated.adapter_sha256 name the packed tar's bytes, services/proposer/adapters.py)."""
+    store and PolicyUpdated.adapter_sha256 name the packed tar's bytes, shared/policy/adapters.py)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(json.dumps(str(path.relative_to(folder))).encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
+
+
+def resolve_device(device: str) -> str:
+    """[proposer] device as it is; "": cuda if available, else cpu."""
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_policy(model: str, device: str, adapter: Path | None = None, rank: int = Learner().lora_r,

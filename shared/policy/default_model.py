@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,8 +24,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+log = logging.getLogger("policy")
 ROOT = Path(__file__).resolve().parents[2]
-"""The project folder (services/proposer/default_model.py is two levels below it)."""
+"""The project folder (shared/policy/default_model.py is two levels below it)."""
 CORPUS = ("*.md", "targets/**/*.py", "targets/**/*.md", "shared/**/*.py", "services/**/*.py")
 """The tokenizer's training text, relative to ROOT: the targets' train.py and program.md, and our own code."""
 NOTE = "default_model.json"
@@ -57,6 +59,18 @@ def build_default_model(directory: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def resolve_model(model: str, data_dir: Path) -> str:
+    """[proposer] model: a hub id or folder as it is; "" builds the embedded default on first use (offline,
+    seconds) under data_dir/models/default."""
+    if model:
+        return model
+    folder = build_default_model(data_dir / "models" / "default")
+    log.warning("the policy model is the embedded default at %s: a small UNTRAINED model built from this "
+                "project's own text; it proposes at random until PPO trains it (set [proposer] model for a "
+                "pretrained one)", folder)
+    return str(folder)
 
 
 def corpus_files() -> list[Path]:
