@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench import evaluator, executor, ledger
+from bench import evaluator, executor, learner, ledger
 from bench.report import write
 
 BENCHMARKS = {
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "executor_overhead": executor.overhead,
     "evaluator_replay": evaluator.replay_figures,
     "abort_latency": evaluator.abort_latency,
+    "learner_cost": learner.learner_cost,
 }
 
 
