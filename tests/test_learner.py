@@ -298,7 +298,9 @@ def test_ppo_on_a_bandit_of_candidate_diffs_raises_the_rewarded_ones_probability
     """The learner's whole update (recomputed π_θold, GAE, the clipped surrogate through lm.score) on the real model,
     online: each update's batch is sampled from the policy as it stands. One diff lowers val-bpb by 0.1; every
     other raises it by 0.1 (a regression, floored at −p_waste)."""
-    settings = Learner(batch_size=8, minibatch_size=4, epochs=4, learning_rate=3e-3, warmup_updates=1)
+    # A bandit: no step's reward depends on another step's action, so γ = 0 (with the default 0.9, GAE would
+    # credit each action with its successors' rewards, which here are noise).
+    settings = Learner(batch_size=8, minibatch_size=4, epochs=4, learning_rate=3e-3, warmup_updates=1, gamma=0.0)
     learner, moments, rng = trainer(model_dir), RunningMoments(), random.Random(0)
     rewarded = 1
 
@@ -317,7 +319,7 @@ def test_ppo_on_a_bandit_of_candidate_diffs_raises_the_rewarded_ones_probability
                                     logprob=math.log(probabilities[index])))
         learner.learn(steps, {}, version, moments, settings, update)
     after = pi()
-    assert after[rewarded] > before[rewarded] + 0.15, (before, after)  # measured: 0.34 -> 0.56
+    assert after[rewarded] > before[rewarded] + 0.15, (before, after)  # measured: 0.33 -> 0.56
     assert all(after[i] < before[i] for i in range(len(CANDIDATES)) if i != rewarded)
 
 
