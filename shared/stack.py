@@ -21,9 +21,10 @@ import msgspec
 from shared.config import Config
 from shared.nats_server import EmbeddedServer
 
-SERVICES = ("ledger", "executor", "evaluator", "learner", "proposer")
-"""Start order; they stop in reverse, so nothing is proposed that no executor will take. The learner idles
-(no model loaded) unless [proposer] policy is a language model."""
+SERVICES = ("ledger", "learner", "executor", "evaluator", "proposer")
+"""Start order; they stop in reverse, so nothing is proposed that no executor will take, and the learner, which
+yields the CPU to runs (services/learner/main.py), stops once no run is left to starve its exit. The learner
+idles (no model loaded) unless [proposer] policy is a language model."""
 PREFIX = max(map(len, SERVICES)) + 1
 """Width of the service name that starts every log line."""
 STOP_GRACE_S = 30.0
