@@ -171,12 +171,13 @@ class Learner(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """LoRA rank on the attention projections (paper)."""
     lora_alpha: int = 64
     """LoRA α (paper)."""
-    batch_size: int = 16
-    """Finished search experiments per PPO update (ours)."""
+    batch_size: int = 8
+    """Finished search experiments per PPO update (ours: on 2 CPU cores, beside the runs, an update of the
+    defaults takes about 5 experiments' time, so the learner keeps up; raise it and epochs on a GPU)."""
     minibatch_size: int = 4
     """Experiments per gradient step (ours)."""
-    epochs: int = 4
-    """Passes over each batch (ours, as CleanRL)."""
+    epochs: int = 2
+    """Passes over each batch (ours; CleanRL's 4 cost twice as much on a CPU)."""
     max_grad_norm: float = 0.5
     """Global gradient-norm clip (ours, as CleanRL)."""
     seed: int = 0

@@ -324,6 +324,17 @@ def test_ppo_on_a_bandit_of_candidate_diffs_raises_the_rewarded_ones_probability
     assert all(after[i] < before[i] for i in range(len(CANDIDATES)) if i != rewarded)
 
 
+def yielded(check: str, own_session: bool = False) -> list[str]:
+    """What `check` prints in a fresh process after the learner's yield_the_cpu()."""
+    code = f"import os; from services.learner.main import yield_the_cpu; yield_the_cpu(); {check}"
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                          start_new_session=own_session).stdout.split()
+
+
+def test_the_learner_trains_at_the_lowest_priority_on_one_thread():
+    assert yielded("import torch; print(os.nice(0), torch.get_num_threads())") == ["19", "1"]
+
+
 def autogroup_nice() -> str:
     """This process's autogroup nice value, or '' where autogroups do not rank it: a kernel without them, or a
     container whose cgroup scheduling takes their place (the file is then empty)."""
@@ -335,12 +346,8 @@ def autogroup_nice() -> str:
 @pytest.mark.skipif(not autogroup_nice(), reason="autogroups do not rank this process")
 @pytest.mark.parametrize("own_session", [True, False])
 def test_the_learner_yields_the_cpu_to_runs_in_other_sessions(own_session: bool):
-    check = ("import os; from services.learner.main import yield_the_cpu; yield_the_cpu(); "
-             "print(os.nice(0), open('/proc/self/autogroup').read().split()[-1])")
-    ours = autogroup_nice()
-    shown = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True,
-                           start_new_session=own_session).stdout.split()
-    assert shown == ["19", "19" if own_session else ours]  # as `autoresearch up` starts it; by hand, in a shell
+    shown = yielded("print(open('/proc/self/autogroup').read().split()[-1])", own_session)
+    assert shown == ["19" if own_session else autogroup_nice()]  # as `autoresearch up` starts it; by hand
 
 
 # ---------------------------------------------------------------------------------------------
