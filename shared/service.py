@@ -24,6 +24,7 @@ def run_service(service: str, serve: Serve) -> None:
     """Run `serve(config, stop)` until SIGINT/SIGTERM sets `stop`; exit 2 with one line on a bad config."""
     logging.basicConfig(level=os.environ.get("AUTORESEARCH_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a service's stderr is a log, not a terminal
     try:
         config = load_config()
     except ConfigError as error:
