@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import subprocess
@@ -331,8 +332,9 @@ def yielded(check: str, own_session: bool = False) -> list[str]:
                           start_new_session=own_session).stdout.split()
 
 
-def test_the_learner_trains_at_the_lowest_priority_on_one_thread():
-    assert yielded("import torch; print(os.nice(0), torch.get_num_threads())") == ["19", "1"]
+def test_the_learner_trains_at_idle_priority_on_one_thread():
+    shown = yielded("import torch; print(os.nice(0), torch.get_num_threads(), os.sched_getscheduler(0))")
+    assert shown == ["19", "1", str(os.SCHED_IDLE)]
 
 
 def autogroup_nice() -> str:

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -214,13 +215,18 @@ def yield_the_cpu() -> None:
     inherit it. Linux with autogroups (the default) first shares the CPU between sessions, then between the
     processes of each, and every run is a session of its own: os.nice alone ranks the learner only within its
     session. So a learner that leads its session (as `autoresearch up` starts every service) lowers the whole
-    session's priority too; one started by hand shares its terminal's session, which it leaves alone.
+    session's priority too; one started by hand shares its terminal's session, which it leaves alone. Within
+    it, the learner is SCHED_IDLE: a core running only it counts as idle when a run's thread wakes up.
 
     And one thread: preempted by runs, torch's OpenMP threads wait for each other at every operator. Beside the
     CPU target's runs on 2 cores, a 2-thread update took 4.6x the CPU time it takes alone and 4.7x the wall time
-    a 1-thread update took there; a 1-thread update costs what it costs alone. Set before torch is imported."""
-    os.environ["OMP_NUM_THREADS"] = "1"
+    a 1-thread update took there; a 1-thread update costs what it costs alone."""
+    os.environ["OMP_NUM_THREADS"] = "1"  # torch reads it when imported
+    if "torch" in sys.modules:  # imported already (a benchmark's process)
+        sys.modules["torch"].set_num_threads(1)
     os.nice(NICENESS)
+    if hasattr(os, "SCHED_IDLE"):  # Linux: a run's thread waking up preempts the learner at once
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     if os.getsid(0) == os.getpid():
         with contextlib.suppress(OSError):  # a kernel without autogroups
             Path("/proc/self/autogroup").write_text(str(NICENESS))
