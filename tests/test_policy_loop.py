@@ -19,6 +19,7 @@ from test_loop import FINISHED, assert_every_event_once
 
 from bench.loop import Loop
 from shared.bus import Bus
+from shared.config import Proposer
 from shared.diffs import code_sha256
 from shared.events import ProposalCreated, new_id, now
 from shared.policy import lm
@@ -71,7 +72,7 @@ def test_the_rl_loop_proposes_learns_publishes_and_proposes_with_the_new_policy(
                     "WHERE p.policy = 'lm-score' ORDER BY p.seq")
     assert [row[1] for row in rows] == ["base"] * SEARCH_STEPS + ["v0001"]
     for _, _, prompt, candidates, index, logprob, status, val_bpb in rows:
-        assert "# Research agenda (program.md)" in prompt and len(json.loads(candidates)) > 10
+        assert "# Research agenda (program.md)" in prompt and len(json.loads(candidates)) == Proposer().max_candidates
         assert 0 <= index < len(json.loads(candidates)) and logprob < 0
         assert status in ("ok", "aborted") and (val_bpb is not None) == (status == "ok")
 

@@ -136,7 +136,7 @@ MEANS = torch.tensor([-0.05, 0.0, -0.02, 0.01, -0.04, 0.0, -0.01, 0.03, -0.03, 0
 BEST = 7
 NOISE = 0.02
 """The best candidate is better than the runner-up by one noise σ: a single reward rarely tells them apart."""
-SETTINGS = Learner(learning_rate=0.05, warmup_updates=5)
+SETTINGS = Learner(learning_rate=0.05, warmup_updates=5, batch_size=16, epochs=4)
 """The paper's PPO constants, a toy's learning rate, a short warm-up."""
 
 
