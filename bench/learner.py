@@ -4,8 +4,8 @@ First the real loop (ledger, executor, evaluator, proposer as processes; lm-scor
 the CPU target at a 10 s budget) makes batch_size search experiments after the baseline: the transitions the
 ledger then gives the learner are the batch.
 
-Both measures run the updates in a learner process that yields the CPU as services/learner does (nice 19, its
-own session's autogroup, one thread):
+Both measures run the updates in a learner process that yields the CPU as services/learner does (SCHED_IDLE,
+nice 19, its own session's autogroup, one thread):
 
 update: one update on that batch (update.Trainer.learn, the [learner] defaults) on the idle machine, and the two
 passes it is made of (lm.score without and with a backward pass), on the first transition.
