@@ -173,7 +173,7 @@ class Learner(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """LoRA α (paper)."""
     batch_size: int = 8
     """Finished search experiments per PPO update (ours: on 2 CPU cores, beside the runs, an update of the
-    defaults takes about 5 experiments' time, so the learner keeps up; raise it and epochs on a GPU)."""
+    defaults took 4-6 experiments' time, so the learner keeps up; raise it and epochs on a GPU)."""
     minibatch_size: int = 4
     """Experiments per gradient step (ours)."""
     epochs: int = 2

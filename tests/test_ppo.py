@@ -137,7 +137,7 @@ BEST = 7
 NOISE = 0.02
 """The best candidate is better than the runner-up by one noise σ: a single reward rarely tells them apart."""
 SETTINGS = Learner(learning_rate=0.05, warmup_updates=5, batch_size=16, epochs=4)
-"""The paper's PPO constants, a toy's learning rate, a short warm-up."""
+"""The paper's PPO constants, CleanRL's 4 epochs, a toy's batch and learning rate, a short warm-up."""
 
 
 class Toy:
