@@ -137,7 +137,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
     sql = sys.stdin.read() if args.query == "-" else args.query
     config = load_config()
     running = stack.running_stack(config)
-    result = _sql_over_http(running.http_port, sql) if running else _offline_ledger(config).query(sql)
+    result = _sql_over_http(running.http_port, sql, config.ledger.http_token) if running else \
+        _offline_ledger(config).query(sql)
     if args.json:
         for row in result.rows:
             print(json.dumps(dict(zip(result.columns, row, strict=True)), default=str))
@@ -148,9 +149,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sql_over_http(port: int, sql: str) -> QueryResult:
+def _sql_over_http(port: int, sql: str, token: str) -> QueryResult:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
     request = urllib.request.Request(f"http://127.0.0.1:{port}/sql", data=json.dumps({"sql": sql}).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return msgspec.json.decode(response.read(), type=QueryResult)
@@ -200,7 +202,7 @@ def cmd_evaluator_record(args: argparse.Namespace) -> int:
 
     def enough() -> bool:
         try:
-            done = _sql_over_http(config.ledger.http_port, OK_RUNS).rows[0][0]
+            done = _sql_over_http(config.ledger.http_port, OK_RUNS, config.ledger.http_token).rows[0][0]
         except (OSError, ValueError):  # the ledger is starting
             return False
         print(f"record: {done}/{args.runs} complete runs", file=sys.stderr)

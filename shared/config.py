@@ -8,6 +8,7 @@ The defaults are the offline 2-core CPU stack: an embedded nats-server, the CPU 
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -17,6 +18,15 @@ import msgspec
 
 ENV_PREFIX = "AUTORESEARCH_"
 DEFAULT_FILE = "autoresearch.toml"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 class Stack(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -41,12 +51,22 @@ class Nats(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class Ledger(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     http_port: int = 8765
-    """The read-only HTTP API (SQL, state) on 127.0.0.1."""
+    """The read-only HTTP API (SQL, state)."""
+    http_host: str = "127.0.0.1"
+    """The API's bind address; any but a loopback one requires http_token."""
+    http_token: str = ""
+    """A bearer token every endpoint but /health then requires (`Authorization: Bearer <token>`). Give it as
+    AUTORESEARCH_LEDGER_HTTP_TOKEN rather than in a file others can read."""
     batch: int = 500
     """Events appended per transaction at most."""
     confirm_sigmas: float = 2.0
     """The keep gate: a run that beats bpb* by more than this many σ_noise becomes c* at once; a smaller
     win is kept only once a repeat with a fresh seed confirms it. 0: any strict improvement is kept."""
+
+    def __post_init__(self) -> None:
+        if not self.http_token and not is_loopback(self.http_host):
+            raise ValueError(f"ledger.http_host {self.http_host!r} is not a loopback address, so the HTTP API needs "
+                             "a token: set AUTORESEARCH_LEDGER_HTTP_TOKEN")
 
 
 class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

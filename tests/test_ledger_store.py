@@ -17,6 +17,7 @@ from services.ledger.projections import PROJECTION_TABLES
 from services.ledger.sql import QueryRefused
 from services.ledger.store import Ledger
 from shared.bus import Delivered
+from shared.config import ConfigError, load_config
 from shared.diffs import EMPTY_SHA256, code_sha256
 from shared.events import (
     EditOp,
@@ -688,6 +689,27 @@ def test_http_api(ledger: Ledger):
     denied = client.post("/sql", json={"sql": "SELECT * FROM read_csv('/etc/passwd')"})
     assert denied.status_code == 400
     assert client.get("/experiments", params={"limit": 0}).status_code == 422
+
+
+def test_a_token_guards_every_endpoint_but_health(ledger: Ledger):
+    client = TestClient(create_app(ledger, token="s3cret"))
+    assert client.get("/health").status_code == 200
+    for wrong in ({}, {"Authorization": "Bearer guess"}, {"Authorization": "s3cret"}):
+        assert client.get("/state", headers=wrong).status_code == 401
+        assert client.get("/experiments", headers=wrong).status_code == 401
+        assert client.post("/sql", json={"sql": "SELECT 1"}, headers=wrong).status_code == 401
+    answer = client.post("/sql", json={"sql": "SELECT 1"}, headers={"Authorization": "Bearer s3cret"})
+    assert answer.status_code == 200 and answer.json()["rows"] == [[1]]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "ledger.internal"])
+def test_a_non_loopback_bind_needs_a_token(host: str):
+    with pytest.raises(ConfigError, match="needs a token"):
+        load_config(environ={"AUTORESEARCH_LEDGER_HTTP_HOST": host})
+    settings = load_config(environ={"AUTORESEARCH_LEDGER_HTTP_HOST": host, "AUTORESEARCH_LEDGER_HTTP_TOKEN": "t"})
+    assert settings.ledger.http_host == host
+    for loopback in ("127.0.0.1", "::1", "localhost"):
+        assert load_config(environ={"AUTORESEARCH_LEDGER_HTTP_HOST": loopback}).ledger.http_host == loopback
 
 
 def test_sql_rolls_back_whatever_passes_the_guard(ledger: Ledger, monkeypatch: pytest.MonkeyPatch):

@@ -6,17 +6,21 @@
     POST /sql          {"sql": "SELECT ..."} -> {"columns", "rows", "truncated"}; a refused or failing
                        query is a 400 with the reason, a query over the time limit a 408
 
+With a token (config ledger.http_token, required to bind anything but loopback) every endpoint but /health
+answers 401 unless the request carries `Authorization: Bearer <token>`.
+
 The endpoints are plain `def`: FastAPI runs them in its thread pool, so DuckDB never blocks the event
 loop, and each call reads through a cursor of its own (store.Ledger), never the appender's connection.
 """
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 import duckdb
 import msgspec
-from fastapi import FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI, Header, HTTPException, Query
 from fastapi.responses import Response
 from pydantic import BaseModel
 
@@ -36,22 +40,28 @@ def _json(value: Any) -> Response:
     return Response(msgspec.json.encode(value), media_type="application/json")
 
 
-def create_app(ledger: Ledger) -> FastAPI:
+def create_app(ledger: Ledger, token: str = "") -> FastAPI:
+    def authorized(authorization: str = Header("")) -> None:
+        if token and not hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(401, "this ledger API requires Authorization: Bearer <ledger.http_token>")
+
     app = FastAPI(title="AutoResearch-RL ledger", description="Read-only view of the experiment ledger.")
 
-    @app.get("/health")
+    @app.get("/health")  # open, for liveness probes: it tells only how far the ledger has read
     def health() -> Response:
         return _json({"ok": True, "cursor": ledger.cursor})
 
-    @app.get("/state")
+    guarded = [Depends(authorized)]
+
+    @app.get("/state", dependencies=guarded)
     def state() -> Response:
         return _json(ledger.state())
 
-    @app.get("/experiments")
+    @app.get("/experiments", dependencies=guarded)
     def experiments(limit: int = Query(100, ge=1, le=MAX_EXPERIMENTS)) -> Response:
         return _json(ledger.experiments(limit))
 
-    @app.post("/sql")
+    @app.post("/sql", dependencies=guarded)
     def sql(request: SqlRequest) -> Response:
         try:
             return _json(ledger.query(request.sql, max(1, min(request.max_rows, 10_000))))

@@ -27,6 +27,7 @@ from services.ledger.store import Ledger
 from shared import queries
 from shared.bus import LEDGER_CONSUMER, Bus, Delivered, ack_after
 from shared.config import Config
+from shared.config import Ledger as LedgerSettings
 from shared.curves import CurvesReply, CurvesRequest
 from shared.service import instance_id, run_service
 
@@ -105,17 +106,19 @@ def replay(ledger: Ledger) -> queries.ReplayReply:
     return queries.ReplayReply(seconds=round(time.perf_counter() - started, 3), rows=rows)
 
 
-async def serve_http(ledger: Ledger, port: int, stop: asyncio.Event) -> None:
-    server = uvicorn.Server(uvicorn.Config(create_app(ledger), host="127.0.0.1", port=port, log_level="warning"))
+async def serve_http(ledger: Ledger, settings: LedgerSettings, stop: asyncio.Event) -> None:
+    address = f"{settings.http_host}:{settings.http_port}"
+    server = uvicorn.Server(uvicorn.Config(create_app(ledger, settings.http_token), host=settings.http_host,
+                                           port=settings.http_port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
     try:
         await task
     except SystemExit:  # uvicorn exits when the port is taken; the ledger itself must go on
-        log.error("the HTTP API could not listen on 127.0.0.1:%d; `autoresearch sql` will not reach it", port)
+        log.error("the HTTP API could not listen on %s; `autoresearch sql` will not reach it", address)
     else:
-        log.info("HTTP API on http://127.0.0.1:%d stopped", port)
+        log.info("HTTP API on http://%s stopped", address)
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
@@ -125,10 +128,10 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     await bus.ensure_stream(config.nats.replicas)
     service = LedgerService(ledger, bus, config.ledger.batch)
     await service.serve_questions()
-    log.info("ledger %s at stream seq %d; SQL on http://127.0.0.1:%d/sql", config.ledger_path, ledger.cursor,
-             config.ledger.http_port)
+    log.info("ledger %s at stream seq %d; SQL on http://%s:%d/sql%s", config.ledger_path, ledger.cursor,
+             config.ledger.http_host, config.ledger.http_port, " (token required)" if config.ledger.http_token else "")
     ingest = asyncio.create_task(service.ingest(stop))
-    http = asyncio.create_task(serve_http(ledger, config.ledger.http_port, stop))
+    http = asyncio.create_task(serve_http(ledger, config.ledger, stop))
     await asyncio.wait([ingest, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     try:
