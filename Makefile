@@ -8,7 +8,7 @@ comma := ,
 EXTRAS := dev$(if $(GPU),$(comma)gpu)
 STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
 
-.PHONY: install up down test bench lint clean
+.PHONY: install up down test bench faults lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The fault suite's long form (make test runs a bounded one): bench/results/faults.json.
+faults: $(STAMP)
+	$(BIN)/python -m bench.faults
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -30,11 +30,15 @@ DUPLICATE_WINDOW_S = 120.0
 """A publish retried within this window with the same event id is stored once."""
 WORK_QUEUE = "executors"
 """The durable pull consumer every executor shares: each proposal goes to exactly one of them."""
+ABANDONED = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{STREAM}.{WORK_QUEUE}"
+"""JetStream's advisory (core NATS) that a proposal was delivered max_deliver times and will not be again."""
 T = TypeVar("T")
 LEDGER_CONSUMER = "ledger"
+"""The ledger's durable consumer of the whole stream."""
 OBJECT_STORE = "artifacts"
 """JetStream object store bucket of artifacts too large for an event (LoRA adapters); events carry name + sha256."""
-"""The ledger's durable consumer of the whole stream."""
+UNAVAILABLE = (TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
+"""What a pull or an ack meets while the cluster elects a stream leader (a node was lost): ask again later."""
 
 
 def stream_config(replicas: int = 1) -> StreamConfig:
@@ -123,6 +127,11 @@ class Bus:
 
     async def pull(self, durable: str) -> nats.js.JetStreamContext.PullSubscription:
         return await self.js.pull_subscribe_bind(durable=durable, stream=STREAM)
+
+    async def stored(self, seq: int) -> Delivered:
+        """The event at stream sequence `seq`."""
+        message = await self.js.get_msg(STREAM, seq)
+        return Delivered(seq, message.subject or "", message.data or b"")
 
     async def pending_proposals(self) -> int:
         """Proposals in the work queue that no executor has taken yet."""

@@ -72,6 +72,9 @@ class Ledger(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     slots: int = 1
     """Concurrent runs; with GPUs, slot i runs on GPU i."""
+    first_slot: int = 0
+    """This executor's slots are first_slot, first_slot + 1, ...: executors sharing a machine need disjoint
+    ranges (as root each slot runs as its own uid, and two executors on one slot take turns)."""
     budget_unit: str = "seconds"
     """seconds (the real loop), or steps / tokens for deterministic runs."""
     budget_amount: float = 0
@@ -80,7 +83,8 @@ class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ack_wait_s: float = 30.0
     """A proposal whose executor went silent this long is redelivered."""
     max_deliver: int = 3
-    """Deliveries of one proposal at most (then it is left unrun, recorded by the ledger)."""
+    """Deliveries of one proposal at most; then the executors finish it as crashed, abandoned (no executor lived
+    through it)."""
     progress_interval_s: float = 1.0
     """run.progress events per run at most this often (phase changes always go out)."""
     memory_mb: int = 0

@@ -27,12 +27,14 @@ def free_port() -> int:
 
 
 class EmbeddedServer:
-    """A JetStream server on loopback with file storage under `store_dir`; `args` add options
-    (the cluster test makes three of them into a cluster)."""
+    """A JetStream server on loopback with file storage under `store_dir`; or, with `config`, the server that
+    file describes (its jetstream block names the store) on loopback. `args` add options, which override the
+    file's (the fault suite makes three of them into a cluster from deploy/nats-cluster)."""
 
     def __init__(self, store_dir: Path, port: int | None = None, log_file: Path | None = None,
-                 args: Sequence[str] = ()):
+                 args: Sequence[str] = (), config: Path | None = None):
         self.store_dir = store_dir
+        self.config = config
         self.args = list(args)
         self.port = port or free_port()
         self.log_file = log_file or store_dir / "nats-server.log"
@@ -44,8 +46,8 @@ class EmbeddedServer:
 
     def start(self, timeout: float = 10.0) -> EmbeddedServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        command = [binary(), "-js", "-sd", str(self.store_dir), "-a", "127.0.0.1", "-p", str(self.port),
-                   "-l", str(self.log_file), *self.args]
+        storage = ["-c", str(self.config)] if self.config else ["-js", "-sd", str(self.store_dir)]
+        command = [binary(), *storage, "-a", "127.0.0.1", "-p", str(self.port), "-l", str(self.log_file), *self.args]
         # Own session: a Ctrl-C in the terminal reaches only the supervisor, which stops NATS last.
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
@@ -60,6 +62,12 @@ class EmbeddedServer:
                 time.sleep(0.05)
         self.stop()
         raise TimeoutError(f"nats-server did not listen on port {self.port} within {timeout} s")
+
+    def kill(self) -> None:
+        """kill -9: a node lost, with no goodbye to its peers."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -19,12 +19,14 @@ import os
 import time
 from concurrent.futures import Future
 
+import msgspec
+import nats
 import torch
 from nats.aio.msg import Msg
 
 from services.executor.runs import DivergenceGuard, ProgressThrottle, run_id_for, seed_for, unrun_result
 from shared import queries
-from shared.bus import WORK_QUEUE, Bus, ack_after
+from shared.bus import ABANDONED, UNAVAILABLE, WORK_QUEUE, Bus, ack_after
 from shared.config import Config
 from shared.diffs import EMPTY_SHA256, InvalidDiff, apply_ops
 from shared.events import (
@@ -52,6 +54,13 @@ PHYSICAL_MEMORY_SHARE = 0.6
 SHUTDOWN_GRACE_S = 15.0
 
 
+class MaxDeliveries(msgspec.Struct):
+    """The fields of JetStream's max-deliveries advisory that name the proposal."""
+
+    stream_seq: int
+    deliveries: int
+
+
 class Executor:
     def __init__(self, bus: Bus, target: Target, config: Config):
         self.bus = bus
@@ -72,7 +81,7 @@ class Executor:
         while not stop.is_set():
             try:
                 messages = await work.fetch(1, timeout=2)
-            except TimeoutError:
+            except UNAVAILABLE:  # nothing queued, or no stream leader for the moment
                 continue
             for message in messages:  # none when the pull request expired with a status reply
                 await self.handle(message, slot)
@@ -111,7 +120,10 @@ class Executor:
                          result.training_s, result.error or "")
         finally:
             heartbeat.cancel()
-        await ack_after(message)
+        try:
+            await ack_after(message)
+        except UNAVAILABLE as error:  # redelivered after ack_wait, and then acked as already finished
+            log.warning("ack of proposal %s failed (%r)", proposal.proposal_id, error)
 
     async def execute(self, proposal: ProposalCreated, run_id: str, seq: int, slot: int) -> RunResult:
         if proposal.parse_error is not None:  # the policy's answer is no edit: nothing to run (−p_syntax)
@@ -153,6 +165,27 @@ class Executor:
             return ""
         request = queries.CodeRequest(proposal.parent_code_sha256, after_seq=seq)
         return (await queries.ask(self.bus, queries.CODE, request, queries.CodeReply)).code
+
+    async def on_abandoned(self, advisory: Msg) -> None:
+        """The queue gave up on a proposal: each of its max_deliver executors died or went silent mid-run. It is
+        finished as crashed, so the ledger and the learner see its end. Every executor of the fleet hears the
+        advisory; the event id, made from the stream sequence, lets the stream store the first of them only."""
+        try:
+            found = msgspec.json.decode(advisory.data, type=MaxDeliveries)
+            stored = await self.bus.stored(found.stream_seq)
+            proposal = decode(stored.subject, stored.data)
+        except (msgspec.DecodeError, BadEvent, nats.errors.Error) as error:
+            log.warning("max-deliveries advisory not handled: %s", error)
+            return
+        assert isinstance(proposal, ProposalCreated)
+        reason = (f"abandoned after {found.deliveries} deliveries: each executor died or went silent for "
+                  f"executor.ack_wait_s ({self.settings.ack_wait_s:g} s) before finishing it")
+        log.warning("proposal %s %s", proposal.proposal_id, reason)
+        await self.bus.publish_until_stored(RunFinished(
+            event_id=f"abandoned-{found.stream_seq}", producer=self.instance, ts=now(),
+            run_id=run_id_for(proposal.proposal_id, found.deliveries), proposal_id=proposal.proposal_id,
+            executor_id=self.instance, result=unrun_result("crashed", reason, self.budget,
+                                                           seed_for(proposal, self.settings.seed))))
 
     async def already_finished(self, proposal_id: str) -> bool:
         last_seq = (await self.bus.js.stream_info(STREAM)).state.last_seq
@@ -241,9 +274,12 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     await bus.ensure_stream(config.nats.replicas)
     await bus.ensure_work_queue(config.executor.ack_wait_s, config.executor.max_deliver)
     executor = Executor(bus, target, config)
-    log.info("%s: %d slot(s), budget %s, device %s", executor.instance, config.executor.slots, executor.budget,
-             executor.device)
-    slots = [asyncio.create_task(executor.slot_loop(slot, stop)) for slot in range(config.executor.slots)]
+    log.info("%s: slot(s) %d-%d, budget %s, device %s", executor.instance, config.executor.first_slot,
+             config.executor.first_slot + config.executor.slots - 1, executor.budget, executor.device)
+    first = config.executor.first_slot
+    await bus.nc.subscribe(ABANDONED, cb=executor.on_abandoned)
+    slots = [asyncio.create_task(executor.slot_loop(slot, stop))
+             for slot in range(first, first + config.executor.slots)]
     await stop.wait()
     executor.shut_down()
     _, waiting = await asyncio.wait(slots, timeout=SHUTDOWN_GRACE_S)
@@ -255,9 +291,12 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m services.executor", description=__doc__.splitlines()[0])
     parser.add_argument("--slots", type=int, help="concurrent runs (default: executor.slots of the config)")
+    parser.add_argument("--first-slot", type=int, help="the first slot's number, for several executors on one "
+                                                       "machine (default: executor.first_slot of the config)")
     args = parser.parse_args()
-    if args.slots is not None:
-        os.environ["AUTORESEARCH_EXECUTOR_SLOTS"] = str(args.slots)
+    for key, value in (("SLOTS", args.slots), ("FIRST_SLOT", args.first_slot)):
+        if value is not None:
+            os.environ[f"AUTORESEARCH_EXECUTOR_{key}"] = str(value)
     run_service("executor", serve)
 
 

@@ -25,7 +25,7 @@ from nats.aio.msg import Msg
 from services.ledger.api import create_app
 from services.ledger.store import Ledger
 from shared import queries
-from shared.bus import LEDGER_CONSUMER, Bus, Delivered, ack_after
+from shared.bus import LEDGER_CONSUMER, UNAVAILABLE, Bus, Delivered, ack_after
 from shared.config import Config
 from shared.config import Ledger as LedgerSettings
 from shared.curves import CurvesReply, CurvesRequest
@@ -57,13 +57,16 @@ class LedgerService:
         while not stop.is_set():
             try:
                 messages = await events.fetch(self.batch, timeout=1)
-            except TimeoutError:
+            except UNAVAILABLE:  # nothing new, or no stream leader for the moment
                 continue
             if not messages:  # a status reply (request expired) instead of events
                 continue
             batch = [Delivered(m.metadata.sequence.stream, m.subject, m.data) for m in messages]
             report = await self.call(self.ledger.append, batch)
-            await ack_after(messages[-1])  # AckPolicy.ALL: this acks the whole batch, after the commit
+            try:
+                await ack_after(messages[-1])  # AckPolicy.ALL: this acks the whole batch, after the commit
+            except UNAVAILABLE as error:  # redelivered later, and append skips what the file already holds
+                log.warning("ack of stream seq %d failed (%r); the batch comes again", report.cursor, error)
             if report.bad:
                 log.warning("%d malformed event(s) recorded in bad_events", report.bad)
             async with self.committed:

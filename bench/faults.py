@@ -1,0 +1,363 @@
+"""The fault suite: kill -9 any service of a running loop, lose a NATS node, and check that nothing was lost or doubled.
+
+    python -m bench.faults [--kills N] [--seed S]      (make faults) -> bench/results/faults.json
+
+Each scenario runs the loop as processes (bench/loop.py) on the CPU target in deterministic step budgets, with two
+executor processes pulling from the one work queue, then stops everything and audits the ledger file against the
+stream (`audit`). tests/test_faults.py runs a bounded form of each scenario in `make test`.
+
+- `kill_services`: kills one process at a time, a service chosen in turn and an instance at random, at a random
+  moment (KILL_GAP_S after the loop resumed from the last kill), restarts it at once, as compose or Kubernetes would,
+  and times the resume: from the restart until the ledger holds an event published after it.
+- `lose_a_node`: a 3-node cluster (deploy/nats-cluster, streams with 3 replicas); one node is killed mid-loop, the
+  loop finishes an experiment without it, then the node comes back and catches up (every replica current, no lag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import msgspec
+import nats
+
+from bench.loop import Loop, make_target, write_small_corpus
+from services.ledger.projections import PROJECTION_TABLES
+from shared.bus import Bus
+from shared.diffs import EMPTY_SHA256
+from shared.events import (
+    MAX_EVENT_BYTES,
+    POLICY_UPDATED,
+    PROPOSAL_CREATED,
+    RUN_ABORTED,
+    RUN_FINISHED,
+    RUN_PROGRESS,
+    STREAM,
+    PolicyUpdated,
+    PPOStats,
+    RunAborted,
+    new_id,
+    now,
+    run_subject,
+)
+from shared.nats_server import EmbeddedServer, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER_CONFIGS = REPO / "deploy" / "nats-cluster"
+SERVICES = ("ledger", "executor", "evaluator", "learner", "proposer")
+INSTANCES = {"executor": ("executor", "executor#2")}
+"""Two executors, one slot each (disjoint slots: as root each slot is a uid of its own)."""
+KILL_GAP_S = (0.5, 4.0)
+RESUME_LIMIT_S = 120.0
+FINISHED = "SELECT count(*) FROM experiments WHERE finished_seq IS NOT NULL"
+
+
+@dataclass(frozen=True)
+class Kill:
+    process: str
+    at_s: float
+    """Seconds into the loop."""
+    running: int
+    """Runs in training when it was killed."""
+    resume_s: float
+    """From the restart until the ledger held an event published after it."""
+
+
+@dataclass(frozen=True)
+class Audit:
+    """The ledger file against the stream, once every process has stopped."""
+
+    stream_messages: int
+    lost: int
+    """Stream messages the ledger has neither as an event nor as a recorded bad one."""
+    doubled_events: int
+    """Ledger rows beyond one per stream message or event id."""
+    doubled_runs: int
+    """Proposals with more than one run.finished."""
+    doubled_experiments: int
+    """Experiment rows beyond one per proposal."""
+    doubled_scheduled: int
+    """Scheduled repeats beyond one each (the baseline, its noise repeats, each confirmation's seed): a restarted
+    proposer repeating its predecessor's last proposal. (Search proposals cannot be told from a chance repeat.)"""
+    doubled_updates: int
+    """PPO updates published more than once for one update index."""
+    bad_events: int
+    """Stream messages the ledger recorded as bad, each with its reason."""
+    experiments: int
+    finished: int
+    partial_runs: int
+    """Deliveries cut short by a kill (progress but no run.finished): their progress stays in `events`."""
+    replay_matches: bool
+    """The projections the ledger built live equal those a fresh replay of its event log builds."""
+
+
+def start_services(loop: Loop) -> None:
+    loop.start("ledger", "evaluator", "learner", "proposer")
+    loop.start("executor", EXECUTOR_FIRST_SLOT=0)
+    loop.start("executor#2", EXECUTOR_FIRST_SLOT=1)
+
+
+def kill_services(loop: Loop, url: str, kills: int, rng: random.Random) -> list[Kill]:
+    """kill -9 `kills` times, the services in turn; returns each kill with its resume time."""
+    started, done = time.monotonic(), []
+    loop.wait_for(lambda: loop.count(FINISHED) >= 1, 300, "the baseline to finish")
+    for index in range(kills):
+        time.sleep(rng.uniform(*KILL_GAP_S))
+        process = rng.choice(INSTANCES.get(SERVICES[index % len(SERVICES)], (SERVICES[index % len(SERVICES)],)))
+        running = max(loop.count(RUNNING), 0)
+        at_s = time.monotonic() - started
+        loop.kill(process)
+        loop.start(process)
+        restarted, last = time.monotonic(), last_seq(url)
+        loop.wait_for(lambda last=last: loop.count("SELECT max(seq) FROM events") > last, RESUME_LIMIT_S,
+                      f"the loop to resume after kill -9 of {process}")
+        done.append(Kill(process, round(at_s, 1), running, round(time.monotonic() - restarted, 2)))
+    return done
+
+
+def kill_an_executor_mid_run(loop: Loop) -> dict[str, object]:
+    """The fleet's promise: kill -9 the executor of a run in training; another executor runs its proposal (as a new
+    run, `<proposal>-2`), and the proposal ends with one finished run. The killed one restarts afterwards."""
+    pids = {f"executor/{socket.gethostname()}-{loop.processes[name].pid}": name for name in INSTANCES["executor"]}
+    runs: list[tuple] = []
+
+    def running() -> bool:
+        runs[:] = [row for row in loop.live_sql(RUNNING_BY) if row[2] in pids]
+        return bool(runs)
+
+    loop.wait_for(running, 300, "a run in training")
+    run_id, proposal_id, executor_id = runs[0]
+    victim = pids[executor_id]
+    loop.kill(victim)
+    killed = time.monotonic()
+    finished = f"SELECT run_id, executor_id FROM finishes WHERE proposal_id = '{proposal_id}'"
+    loop.wait_for(lambda: bool(loop.live_sql(finished)), 300, f"{proposal_id} to finish on another executor")
+    redelivered_s = time.monotonic() - killed
+    loop.start(victim)
+    (finished_run, finished_by), = loop.live_sql(finished)
+    assert finished_by != executor_id and finished_run != run_id, "the proposal did not move to another executor"
+    return {"killed_run": run_id, "finished_run": finished_run, "finished_after_s": round(redelivered_s, 1)}
+
+
+RUNNING_BY = ("SELECT run_id, proposal_id, producer FROM events WHERE kind = 'run.progress' "
+              "AND payload->>'phase' = 'training' AND run_id NOT IN "
+              "(SELECT run_id FROM events WHERE kind IN ('run.finished', 'run.aborted')) ORDER BY seq DESC LIMIT 1")
+RUNNING = ("SELECT count(*) FROM (SELECT run_id, arg_max(payload->>'phase', seq) AS phase FROM events "
+           "WHERE kind = 'run.progress' GROUP BY run_id) WHERE phase = 'training' AND run_id NOT IN "
+           "(SELECT run_id FROM events WHERE kind IN ('run.finished', 'run.aborted'))")
+
+
+def publish_garbage(loop: Loop, url: str, rng: random.Random) -> dict[str, int]:
+    """On every subject: a truncated event, bytes that are not UTF-8, JSON of the wrong shape, a real event of the
+    running loop re-published with schema_version 99, and one over the size limit. Returns how many the stream
+    stored (each must become a bad_events row with its reason, and no service may die or redeliver it forever)
+    and how many it refused (the oversized ones)."""
+    real = {kind: msgspec.json.decode(payload) for kind, payload in loop.live_sql(
+        "SELECT kind, arg_max(payload, seq) FROM events GROUP BY kind")}
+    made = {"event_id": new_id(), "producer": "faults", "ts": now()}  # kinds the loop has not published yet
+    real.setdefault(RUN_ABORTED, msgspec.to_builtins(RunAborted(
+        **made, run_id="garbage", at_train_s=0, forecast=None, forecast_low=None, forecast_high=None, threshold=None,
+        statistic=None, boundary=None, commentary="")))
+    real.setdefault(POLICY_UPDATED, msgspec.to_builtins(PolicyUpdated(
+        **made, policy_version="v9999", adapter_name="adapter-v9999", adapter_sha256="0" * 64,
+        stats=PPOStats(policy_loss=0, value_loss=0, entropy=0, approx_kl=0, clip_fraction=0, mean_reward=0))))
+    messages: list[tuple[str, bytes]] = []
+    for kind in (PROPOSAL_CREATED, RUN_PROGRESS, RUN_ABORTED, RUN_FINISHED, POLICY_UPDATED):
+        name = run_subject(kind, "garbage") if kind.startswith("run.") else kind
+        newer = real[kind] | {"event_id": new_id(), "schema_version": 99}
+        if "run_id" in newer:
+            newer["run_id"] = "garbage"
+        valid = msgspec.json.encode(real[kind])
+        messages += [(name, valid[:rng.randrange(1, len(valid))]), (name, b"\xff\xfe" + rng.randbytes(64)),
+                     (name, b"[]"), (name, msgspec.json.encode(newer)), (name, b" " * (MAX_EVENT_BYTES + 1))]
+
+    async def publish() -> dict[str, int]:
+        bus = await Bus.connect([url], "faults")
+        stored = refused = 0
+        for name, data in messages:
+            try:
+                await bus.js.publish(name, data, stream=STREAM)
+                stored += 1
+            except nats.errors.Error:  # over the server's max payload or the stream's max_msg_size
+                refused += 1
+        await bus.close()
+        return {"stored": stored, "refused": refused}
+    return asyncio.run(publish())
+
+
+def last_seq(url: str) -> int:
+    async def ask() -> int:
+        bus = await Bus.connect([url], "faults")
+        try:
+            return (await bus.js.stream_info(STREAM)).state.last_seq
+        finally:
+            await bus.close()
+    return asyncio.run(ask())
+
+
+def audit(loop: Loop, url: str) -> Audit:
+    """Call with every process stopped (it reads the ledger file, then replays it)."""
+    stream = last_seq(url)
+
+    def one(query: str) -> int:
+        return loop.sql(query)[0][0]
+
+    def projections() -> dict[str, list[tuple]]:
+        return {table: loop.sql(f"SELECT * FROM {table} ORDER BY ALL") for table in PROJECTION_TABLES}
+
+    events, seqs, ids = loop.sql("SELECT count(*), count(DISTINCT seq), count(DISTINCT event_id) FROM events")[0]
+    seen = one("SELECT count(DISTINCT seq) FROM (SELECT seq FROM events UNION ALL SELECT seq FROM bad_events)")
+    before = projections()
+    replayed = subprocess.run([sys.executable, "-m", "shared.cli", "replay"], env=loop.env, cwd=REPO,
+                              capture_output=True, text=True)
+    assert replayed.returncode == 0, replayed.stderr
+    return Audit(
+        stream_messages=stream,
+        lost=stream - seen,
+        doubled_events=events - min(seqs, ids),
+        doubled_runs=one("SELECT count(*) FROM (SELECT proposal_id FROM events WHERE kind = 'run.finished' "
+                         "GROUP BY 1 HAVING count(*) > 1)"),
+        doubled_experiments=one("SELECT count(*) - count(DISTINCT proposal_id) FROM experiments"),
+        doubled_scheduled=one(f"SELECT (SELECT count(*) - 1 FROM proposals WHERE parent_code_sha256 = '{EMPTY_SHA256}')"
+                              " + (SELECT count(*) - count(DISTINCT (repeat_of, seed)) FROM proposals "
+                              "WHERE purpose != 'search')"),
+        doubled_updates=one("SELECT count(*) - count(DISTINCT update_index) FROM policy_updates"),
+        bad_events=one("SELECT count(*) FROM bad_events WHERE reason != ''"),
+        experiments=one("SELECT count(*) FROM experiments"),
+        finished=one(FINISHED),
+        partial_runs=one("SELECT count(DISTINCT run_id) FROM events WHERE kind = 'run.progress' AND run_id NOT IN "
+                         "(SELECT run_id FROM events WHERE kind = 'run.finished')"),
+        replay_matches=before == projections(),
+    )
+
+
+def start_cluster(root: Path) -> list[EmbeddedServer]:
+    """deploy/nats-cluster's three nodes on loopback: each file as it is but for its store, which moves under root,
+    and its ports and routes, which the command line overrides."""
+    routes = [free_port() for _ in range(3)]
+    route_urls = ",".join(f"nats://127.0.0.1:{port}" for port in routes)
+    nodes = []
+    for index, port in enumerate(routes):
+        store = root / f"node{index + 1}"
+        store.mkdir(parents=True, exist_ok=True)
+        source = (CLUSTER_CONFIGS / f"node{index + 1}.conf").read_text()
+        config = store / "node.conf"
+        config.write_text(_with_store(source, store / "jetstream"))
+        nodes.append(EmbeddedServer(store, config=config, args=["--cluster", f"nats://127.0.0.1:{port}",
+                                                                "--routes", route_urls]))
+    return [node.start() for node in nodes]
+
+
+def _with_store(config: str, store: Path) -> str:
+    lines = config.splitlines()
+    found = [i for i, line in enumerate(lines) if line.strip().startswith("store_dir:")]
+    assert len(found) == 1, "a node's config names its JetStream store once"
+    lines[found[0]] = f"  store_dir: {store}"
+    return "\n".join(lines) + "\n"
+
+
+async def replicas_current(urls: list[str]) -> bool:
+    """Every replica of the event stream is current and has no lag (a node that came back has caught up)."""
+    bus = await Bus.connect(urls, "faults")
+    try:
+        cluster = (await bus.js.stream_info(STREAM)).cluster
+        replicas = cluster.replicas or [] if cluster else []
+        return len(replicas) == 2 and all(peer.current and not peer.lag for peer in replicas)
+    finally:
+        await bus.close()
+
+
+def lose_a_node(loop: Loop, nodes: list[EmbeddedServer], rng: random.Random) -> dict[str, float]:
+    """Kill one node mid-run; the loop must finish an experiment without it; then it comes back and catches up."""
+    urls = [node.url for node in nodes]
+    loop.wait_for(lambda: loop.count(FINISHED) >= 1 and loop.count(RUNNING) >= 1, 300, "a run after the baseline")
+    victim = rng.randrange(len(nodes))
+    finished = loop.count(FINISHED)
+    nodes[victim].kill()
+    lost_at = time.monotonic()
+    loop.wait_for(lambda: loop.count(FINISHED) > finished, 300, "an experiment to finish without the lost node")
+    down_s = time.monotonic() - lost_at
+    nodes[victim].start()
+    back = time.monotonic()
+    loop.wait_for(lambda: asyncio.run(replicas_current(urls)), 120, "the node that came back to catch up")
+    return {"node": victim + 1, "finished_while_down": loop.count(FINISHED) - finished,
+            "down_s": round(down_s, 1), "catch_up_s": round(time.monotonic() - back, 1)}
+
+
+def summary(kills: list[Kill]) -> dict[str, object]:
+    by_service = {}
+    for service in SERVICES:
+        times = [kill.resume_s for kill in kills if kill.process.partition("#")[0] == service]
+        if times:
+            by_service[service] = {"kills": len(times), "median_resume_s": statistics.median(times),
+                                   "worst_resume_s": max(times)}
+    times = [kill.resume_s for kill in kills]
+    return {"kills": len(kills), "median_resume_s": statistics.median(times), "worst_resume_s": max(times),
+            "by_service": by_service}
+
+
+def run(work: Path, kills: int, seed: int, target: Path) -> dict[str, object]:
+    rng = random.Random(seed)
+    server = EmbeddedServer(work / "nats").start()
+    try:
+        loop = Loop(server, target, _folder(work / "services"), PROPOSER_MAX_EXPERIMENTS=0)
+        try:
+            start_services(loop)
+            done = kill_services(loop, server.url, kills, rng)
+            garbage = publish_garbage(loop, server.url, rng)
+            fleet = kill_an_executor_mid_run(loop)
+        finally:
+            loop.stop()
+        services = {"audit": asdict(audit(loop, server.url)), **summary(done), "garbage": garbage,
+                    "executor_mid_run": fleet, "trials": [asdict(kill) for kill in done]}
+    finally:
+        server.stop()
+
+    nodes = start_cluster(work / "cluster")
+    try:
+        loop = Loop(nodes, target, _folder(work / "cluster-services"), NATS_REPLICAS=3, PROPOSER_MAX_EXPERIMENTS=0)
+        try:
+            start_services(loop)
+            node = lose_a_node(loop, nodes, rng)
+        finally:
+            loop.stop()
+        cluster = {"audit": asdict(audit(loop, nodes[0].url)), **node}
+    finally:
+        for each in nodes:
+            each.stop()
+    return {"seed": seed, "services": services, "nats_node": cluster}
+
+
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    import tempfile
+
+    from bench.report import write
+
+    parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.splitlines()[0])
+    parser.add_argument("--kills", type=int, default=50, help="kill -9s in the service scenario (default 50)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="faults-") as work:
+        corpus = Path(work) / "corpus"
+        corpus.mkdir()
+        target = make_target(Path(work) / "target", write_small_corpus(corpus), progress_interval_s=0.05)
+        figures = run(Path(work), args.kills, args.seed, target)
+    write("faults", figures)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
