@@ -17,6 +17,8 @@ from typing import Literal
 import msgspec
 
 ENV_PREFIX = "AUTORESEARCH_"
+NOT_SETTINGS = ("CONFIG", "DATA", "LOG_LEVEL")
+"""AUTORESEARCH_<these> are read elsewhere: this file's path, the data root (shared/target/data.py), the log level."""
 DEFAULT_FILE = "autoresearch.toml"
 
 
@@ -248,13 +250,16 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: dict[str, s
 
 
 def _overrides(environ: dict[str, str]) -> list[tuple[str, str, str]]:
-    """AUTORESEARCH_<SECTION>_<KEY> variables; section names have no underscore, keys may."""
+    """AUTORESEARCH_<SECTION>_<KEY> variables; section names have no underscore, keys may. A name that is neither
+    a setting nor one of NOT_SETTINGS is refused: a misspelt section would otherwise change nothing, silently."""
     sections = set(Config.__struct_fields__)
     found = []
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name[len(ENV_PREFIX):] in NOT_SETTINGS:
             continue
         section, _, key = name[len(ENV_PREFIX):].lower().partition("_")
-        if section in sections and key:
-            found.append((section, key, value))
+        if section not in sections or not key:
+            raise ConfigError(f"{name} names no setting (AUTORESEARCH_<SECTION>_<KEY>, sections: "
+                              f"{', '.join(sorted(sections))})")
+        found.append((section, key, value))
     return found

@@ -34,6 +34,8 @@ def test_environment_overrides_the_file(tmp_path: Path):
     ("[executor]\nslot = 2\n", {}, "slot"),
     ("[nats\n", {}, "a.toml"),
     ("", {"AUTORESEARCH_LEDGER_HTTP_PORT": "eighty"}, "ledger.http_port"),
+    ("", {"AUTORESEARCH_EXECTOR_ACK_WAIT_S": "5"}, "AUTORESEARCH_EXECTOR_ACK_WAIT_S names no setting"),
+    ("", {"AUTORESEARCH_LEDGER": "x"}, "AUTORESEARCH_LEDGER names no setting"),
 ])
 def test_a_bad_setting_is_named(tmp_path: Path, text: str, environ: dict[str, str], words: str):
     file = tmp_path / "a.toml"
