@@ -15,6 +15,8 @@ import msgspec
 from shared.target.records import Phase, RunResult
 
 SCHEMA_VERSION = 1
+"""Raised when a field is added (always with a default, so that every older event still decodes, and the stream
+stays replayable); an event from a newer build is refused, so upgrade every service before any publishes."""
 STREAM = "EVENTS"
 RUN_EVENTS = "run.>"
 """Every run's progress, aborts and results (`autoresearch tail 'run.>'`)."""
@@ -196,8 +198,9 @@ def decode(subject_name: str, data: bytes) -> AnyEvent:
         event = msgspec.json.decode(data, type=kind)
     except (msgspec.DecodeError, UnicodeDecodeError) as error:
         raise BadEvent(f"malformed {kind.__name__} on {subject_name}: {error}") from None
-    if event.schema_version != SCHEMA_VERSION:
-        raise BadEvent(f"{kind.__name__} has schema_version {event.schema_version}, this build reads {SCHEMA_VERSION}")
+    if not 1 <= event.schema_version <= SCHEMA_VERSION:  # older ones decode: a schema only gains defaulted fields
+        raise BadEvent(f"{kind.__name__} has schema_version {event.schema_version}, this build reads 1 to "
+                       f"{SCHEMA_VERSION}")
     if parts[0] == "run" and parts[2] != event.run_id:  # type: ignore[attr-defined]
         raise BadEvent(f"subject {subject_name} does not match run_id {event.run_id!r}")  # type: ignore[attr-defined]
     return event  # type: ignore[return-value]

@@ -100,3 +100,15 @@ def test_repeats_round_trip_and_proposals_logged_before_them_still_decode():
     assert decoded == EVENTS[0] and (decoded.seed, decoded.repeat_of, decoded.purpose) == (None, None, "search")
     with pytest.raises(BadEvent, match="purpose"):
         decode("proposal.created", msgspec.json.encode(old | {"purpose": "explore"}))
+
+
+def test_a_newer_build_reads_older_events_and_refuses_newer_ones(monkeypatch: pytest.MonkeyPatch):
+    import shared.events
+
+    progress, name = EVENTS[1], subject(EVENTS[1])
+    monkeypatch.setattr(shared.events, "SCHEMA_VERSION", 2)  # the build after an upgrade
+    assert decode(name, encode(progress)) == progress  # the stream's version-1 events still replay
+    for version in (0, 3):
+        data = msgspec.json.decode(encode(progress)) | {"schema_version": version}
+        with pytest.raises(BadEvent, match=f"schema_version {version}, this build reads 1 to 2"):
+            decode(name, msgspec.json.encode(data))
