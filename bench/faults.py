@@ -1,16 +1,21 @@
-"""The fault suite: kill -9 any service of a running loop, lose a NATS node, and check that nothing was lost or doubled.
+"""The fault suite: kill -9 anything in a running loop, and check that nothing was lost or doubled.
 
     python -m bench.faults [--kills N] [--seed S]      (make faults) -> bench/results/faults.json
 
-Each scenario runs the loop as processes (bench/loop.py) on the CPU target in deterministic step budgets, with two
-executor processes pulling from the one work queue, then stops everything and audits the ledger file against the
-stream (`audit`). tests/test_faults.py runs a bounded form of each scenario in `make test`.
+The loop runs as processes (bench/loop.py) on a 3-node NATS cluster made from deploy/nats-cluster (streams with 3
+replicas), with two executor processes pulling from the one work queue, on a tiny CPU target in deterministic step
+budgets. Then:
 
-- `kill_services`: kills one process at a time, a service chosen in turn and an instance at random, at a random
-  moment (KILL_GAP_S after the loop resumed from the last kill), restarts it at once, as compose or Kubernetes would,
-  and times the resume: from the restart until the ledger holds an event published after it.
-- `lose_a_node`: a 3-node cluster (deploy/nats-cluster, streams with 3 replicas); one node is killed mid-loop, the
-  loop finishes an experiment without it, then the node comes back and catches up (every replica current, no lag).
+- `kill_anything`: kill -9 of one process at a time, at a random moment (KILL_GAP_S after the loop resumed from the
+  previous kill): each service in turn, with a random instance of it, and a random NATS node. A service restarts
+  at once, as compose or Kubernetes would restart it; a node stays down until the loop has resumed without it, then
+  comes back and must catch up (every replica current, no lag). Resume time: from the restart (a node: from its
+  loss) until the ledger holds an event published after it.
+- `publish_garbage`: bad messages on every subject, which must end as bad_events rows and kill nothing.
+- `kill_an_executor_mid_run`: the fleet's promise, checked on a run in training.
+- `audit`: with everything stopped, the ledger file against the stream and against a fresh replay of itself.
+
+tests/test_faults.py runs it with one kill of each (`make test`); `make faults` with many.
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from shared.nats_server import EmbeddedServer, free_port
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_CONFIGS = REPO / "deploy" / "nats-cluster"
 SERVICES = ("ledger", "executor", "evaluator", "learner", "proposer")
+VICTIMS = (*SERVICES, "nats")
 INSTANCES = {"executor": ("executor", "executor#2")}
 """Two executors, one slot each (disjoint slots: as root each slot is a uid of its own)."""
 KILL_GAP_S = (0.5, 4.0)
@@ -68,7 +74,9 @@ class Kill:
     running: int
     """Runs in training when it was killed."""
     resume_s: float
-    """From the restart until the ledger held an event published after it."""
+    """From the restart (a NATS node: from its loss) until the ledger held an event published after it."""
+    catch_up_s: float | None = None
+    """A NATS node: from its restart until every replica of the stream was current."""
 
 
 @dataclass(frozen=True)
@@ -105,22 +113,38 @@ def start_services(loop: Loop) -> None:
     loop.start("executor#2", EXECUTOR_FIRST_SLOT=1)
 
 
-def kill_services(loop: Loop, url: str, kills: int, rng: random.Random) -> list[Kill]:
-    """kill -9 `kills` times, the services in turn; returns each kill with its resume time."""
+def kill_anything(loop: Loop, nodes: list[EmbeddedServer], kills: int, rng: random.Random) -> list[Kill]:
+    """kill -9 `kills` times, VICTIMS in turn; returns each kill with its resume time."""
+    urls = [node.url for node in nodes]
     started, done = time.monotonic(), []
     loop.wait_for(lambda: loop.count(FINISHED) >= 1, 300, "the baseline to finish")
     for index in range(kills):
         time.sleep(rng.uniform(*KILL_GAP_S))
-        process = rng.choice(INSTANCES.get(SERVICES[index % len(SERVICES)], (SERVICES[index % len(SERVICES)],)))
-        running = max(loop.count(RUNNING), 0)
-        at_s = time.monotonic() - started
-        loop.kill(process)
-        loop.start(process)
-        restarted, last = time.monotonic(), last_seq(url)
-        loop.wait_for(lambda last=last: loop.count("SELECT max(seq) FROM events") > last, RESUME_LIMIT_S,
-                      f"the loop to resume after kill -9 of {process}")
-        done.append(Kill(process, round(at_s, 1), running, round(time.monotonic() - restarted, 2)))
+        victim = VICTIMS[index % len(VICTIMS)]
+        running, at_s = max(loop.count(RUNNING), 0), time.monotonic() - started
+        if victim == "nats":
+            node = rng.randrange(len(nodes))
+            nodes[node].kill()
+            resume_s = _resumed(loop, urls, f"nats node {node + 1}")
+            nodes[node].start()
+            back = time.monotonic()
+            loop.wait_for(lambda: asyncio.run(replicas_current(urls)), 120, f"nats node {node + 1} to catch up")
+            done.append(Kill(f"nats#{node + 1}", round(at_s, 1), running, resume_s,
+                             round(time.monotonic() - back, 2)))
+        else:
+            process = rng.choice(INSTANCES.get(victim, (victim,)))
+            loop.kill(process)
+            loop.start(process)
+            done.append(Kill(process, round(at_s, 1), running, _resumed(loop, urls, process)))
     return done
+
+
+def _resumed(loop: Loop, urls: list[str], victim: str) -> float:
+    """Seconds until the ledger holds an event the stream stored after this call."""
+    since, last = time.monotonic(), last_seq(urls)
+    loop.wait_for(lambda: loop.count("SELECT max(seq) FROM events") > last, RESUME_LIMIT_S,
+                  f"the loop to resume after kill -9 of {victim}")
+    return round(time.monotonic() - since, 2)
 
 
 def kill_an_executor_mid_run(loop: Loop) -> dict[str, object]:
@@ -155,7 +179,7 @@ RUNNING = ("SELECT count(*) FROM (SELECT run_id, arg_max(payload->>'phase', seq)
            "(SELECT run_id FROM events WHERE kind IN ('run.finished', 'run.aborted'))")
 
 
-def publish_garbage(loop: Loop, url: str, rng: random.Random) -> dict[str, int]:
+def publish_garbage(loop: Loop, urls: list[str], rng: random.Random) -> dict[str, int]:
     """On every subject: a truncated event, bytes that are not UTF-8, JSON of the wrong shape, a real event of the
     running loop re-published with schema_version 99, and one over the size limit. Returns how many the stream
     stored (each must become a bad_events row with its reason, and no service may die or redeliver it forever)
@@ -180,7 +204,7 @@ def publish_garbage(loop: Loop, url: str, rng: random.Random) -> dict[str, int]:
                      (name, b"[]"), (name, msgspec.json.encode(newer)), (name, b" " * (MAX_EVENT_BYTES + 1))]
 
     async def publish() -> dict[str, int]:
-        bus = await Bus.connect([url], "faults")
+        bus = await Bus.connect(urls, "faults")
         stored = refused = 0
         for name, data in messages:
             try:
@@ -193,19 +217,19 @@ def publish_garbage(loop: Loop, url: str, rng: random.Random) -> dict[str, int]:
     return asyncio.run(publish())
 
 
-def last_seq(url: str) -> int:
+def last_seq(urls: list[str]) -> int:
     async def ask() -> int:
-        bus = await Bus.connect([url], "faults")
+        bus = await Bus.connect(urls, "faults")
         try:
-            return (await bus.js.stream_info(STREAM)).state.last_seq
+            return await bus.last_seq()
         finally:
             await bus.close()
     return asyncio.run(ask())
 
 
-def audit(loop: Loop, url: str) -> Audit:
+def audit(loop: Loop, urls: list[str]) -> Audit:
     """Call with every process stopped (it reads the ledger file, then replays it)."""
-    stream = last_seq(url)
+    stream = last_seq(urls)
 
     def one(query: str) -> int:
         return loop.sql(query)[0][0]
@@ -275,65 +299,38 @@ async def replicas_current(urls: list[str]) -> bool:
         await bus.close()
 
 
-def lose_a_node(loop: Loop, nodes: list[EmbeddedServer], rng: random.Random) -> dict[str, float]:
-    """Kill one node mid-run; the loop must finish an experiment without it; then it comes back and catches up."""
-    urls = [node.url for node in nodes]
-    loop.wait_for(lambda: loop.count(FINISHED) >= 1 and loop.count(RUNNING) >= 1, 300, "a run after the baseline")
-    victim = rng.randrange(len(nodes))
-    finished = loop.count(FINISHED)
-    nodes[victim].kill()
-    lost_at = time.monotonic()
-    loop.wait_for(lambda: loop.count(FINISHED) > finished, 300, "an experiment to finish without the lost node")
-    down_s = time.monotonic() - lost_at
-    nodes[victim].start()
-    back = time.monotonic()
-    loop.wait_for(lambda: asyncio.run(replicas_current(urls)), 120, "the node that came back to catch up")
-    return {"node": victim + 1, "finished_while_down": loop.count(FINISHED) - finished,
-            "down_s": round(down_s, 1), "catch_up_s": round(time.monotonic() - back, 1)}
-
-
 def summary(kills: list[Kill]) -> dict[str, object]:
-    by_service = {}
-    for service in SERVICES:
-        times = [kill.resume_s for kill in kills if kill.process.partition("#")[0] == service]
+    by_victim = {}
+    for victim in VICTIMS:
+        times = [kill.resume_s for kill in kills if kill.process.partition("#")[0] == victim]
         if times:
-            by_service[service] = {"kills": len(times), "median_resume_s": statistics.median(times),
-                                   "worst_resume_s": max(times)}
+            by_victim[victim] = {"kills": len(times), "median_resume_s": statistics.median(times),
+                                 "worst_resume_s": max(times)}
+    catch_up = [kill.catch_up_s for kill in kills if kill.catch_up_s is not None]
     times = [kill.resume_s for kill in kills]
     return {"kills": len(kills), "median_resume_s": statistics.median(times), "worst_resume_s": max(times),
-            "by_service": by_service}
+            "by_victim": by_victim, "nats_worst_catch_up_s": max(catch_up, default=None)}
 
 
 def run(work: Path, kills: int, seed: int, target: Path) -> dict[str, object]:
+    """The whole suite; returns its figures."""
     rng = random.Random(seed)
-    server = EmbeddedServer(work / "nats").start()
+    nodes = start_cluster(work / "cluster")
+    urls = [node.url for node in nodes]
     try:
-        loop = Loop(server, target, _folder(work / "services"), PROPOSER_MAX_EXPERIMENTS=0)
+        loop = Loop(nodes, target, _folder(work / "services"), NATS_REPLICAS=len(nodes), PROPOSER_MAX_EXPERIMENTS=0)
         try:
             start_services(loop)
-            done = kill_services(loop, server.url, kills, rng)
-            garbage = publish_garbage(loop, server.url, rng)
+            done = kill_anything(loop, nodes, kills, rng)
+            garbage = publish_garbage(loop, urls, rng)
             fleet = kill_an_executor_mid_run(loop)
         finally:
             loop.stop()
-        services = {"audit": asdict(audit(loop, server.url)), **summary(done), "garbage": garbage,
-                    "executor_mid_run": fleet, "trials": [asdict(kill) for kill in done]}
+        return {"seed": seed, "audit": asdict(audit(loop, urls)), **summary(done), "garbage": garbage,
+                "executor_mid_run": fleet, "trials": [asdict(kill) for kill in done]}
     finally:
-        server.stop()
-
-    nodes = start_cluster(work / "cluster")
-    try:
-        loop = Loop(nodes, target, _folder(work / "cluster-services"), NATS_REPLICAS=3, PROPOSER_MAX_EXPERIMENTS=0)
-        try:
-            start_services(loop)
-            node = lose_a_node(loop, nodes, rng)
-        finally:
-            loop.stop()
-        cluster = {"audit": asdict(audit(loop, nodes[0].url)), **node}
-    finally:
-        for each in nodes:
-            each.stop()
-    return {"seed": seed, "services": services, "nats_node": cluster}
+        for node in nodes:
+            node.stop()
 
 
 def _folder(path: Path) -> Path:
@@ -347,7 +344,7 @@ def main(argv: list[str]) -> int:
     from bench.report import write
 
     parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=50, help="kill -9s in the service scenario (default 50)")
+    parser.add_argument("--kills", type=int, default=60, help="kill -9s, VICTIMS in turn (default 60)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="faults-") as work:

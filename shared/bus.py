@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -38,7 +38,9 @@ LEDGER_CONSUMER = "ledger"
 OBJECT_STORE = "artifacts"
 """JetStream object store bucket of artifacts too large for an event (LoRA adapters); events carry name + sha256."""
 UNAVAILABLE = (TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
-"""What a pull or an ack meets while the cluster elects a stream leader (a node was lost): ask again later."""
+"""What a JetStream request meets while the cluster elects a leader (at start, or after a node was lost)."""
+PATIENCE_S = 60.0
+"""How long a JetStream request is asked again through UNAVAILABLE before the error is raised."""
 
 
 def stream_config(replicas: int = 1) -> StreamConfig:
@@ -101,15 +103,19 @@ class Bus:
         """Create the event stream, or bring an existing one's config up to date."""
         wanted = stream_config(replicas)
         try:
-            await self.js.stream_info(STREAM)
+            await patiently(lambda: self.js.stream_info(STREAM))
         except NotFoundError:
-            await self.js.add_stream(wanted)
+            await patiently(lambda: self.js.add_stream(wanted))
             return
-        await self.js.update_stream(wanted)
+        await patiently(lambda: self.js.update_stream(wanted))
 
     async def ensure_work_queue(self, ack_wait_s: float, max_deliver: int) -> None:
         """Create the executors' consumer or update its limits to the current config."""
-        await self.js.add_consumer(STREAM, work_queue_config(ack_wait_s, max_deliver))
+        await patiently(lambda: self.js.add_consumer(STREAM, work_queue_config(ack_wait_s, max_deliver)))
+
+    async def last_seq(self) -> int:
+        """The stream sequence of the newest stored event (0: none)."""
+        return (await patiently(lambda: self.js.stream_info(STREAM))).state.last_seq
 
     async def ensure_ledger_consumer(self, cursor: int) -> None:
         """The ledger's consumer, positioned after `cursor`, the last sequence the ledger file holds.
@@ -117,25 +123,25 @@ class Bus:
         The file is the truth: a consumer that is ahead (the file was restored or deleted) or behind
         is recreated at cursor + 1, so no event is skipped and none is appended twice."""
         try:
-            info = await self.js.consumer_info(STREAM, LEDGER_CONSUMER)
+            info = await patiently(lambda: self.js.consumer_info(STREAM, LEDGER_CONSUMER))
             if info.ack_floor.stream_seq == cursor and info.num_ack_pending == 0:
                 return
-            await self.js.delete_consumer(STREAM, LEDGER_CONSUMER)
+            await patiently(lambda: self.js.delete_consumer(STREAM, LEDGER_CONSUMER))
         except NotFoundError:
             pass
-        await self.js.add_consumer(STREAM, ledger_consumer_config(cursor + 1))
+        await patiently(lambda: self.js.add_consumer(STREAM, ledger_consumer_config(cursor + 1)))
 
     async def pull(self, durable: str) -> nats.js.JetStreamContext.PullSubscription:
-        return await self.js.pull_subscribe_bind(durable=durable, stream=STREAM)
+        return await patiently(lambda: self.js.pull_subscribe_bind(durable=durable, stream=STREAM))
 
     async def stored(self, seq: int) -> Delivered:
         """The event at stream sequence `seq`."""
-        message = await self.js.get_msg(STREAM, seq)
+        message = await patiently(lambda: self.js.get_msg(STREAM, seq))
         return Delivered(seq, message.subject or "", message.data or b"")
 
     async def pending_proposals(self) -> int:
         """Proposals in the work queue that no executor has taken yet."""
-        return (await self.js.consumer_info(STREAM, WORK_QUEUE)).num_pending
+        return (await patiently(lambda: self.js.consumer_info(STREAM, WORK_QUEUE))).num_pending
 
     async def request(self, subject_name: str, payload: msgspec.Struct, reply: type[T], timeout: float) -> T:
         """Core NATS request-reply (the ledger's state queries); raises TimeoutError if nobody answers."""
@@ -148,15 +154,15 @@ class Bus:
         return msgspec.json.decode(answer.data, type=reply)
 
     async def publish(self, event: Event) -> int:
-        """Store the event once (its id is the Nats-Msg-Id); returns its stream sequence."""
-        ack = await self.js.publish(subject(event), encode(event), stream=STREAM,
-                                    headers={"Nats-Msg-Id": event.event_id})
+        """Store the event once (its id is the Nats-Msg-Id, which makes every retry idempotent); returns its
+        stream sequence."""
+        ack = await patiently(lambda: self.js.publish(subject(event), encode(event), stream=STREAM,
+                                                      headers={"Nats-Msg-Id": event.event_id}))
         return ack.seq
 
     async def replay(self, after_seq: int = 0) -> AsyncIterator[Delivered]:
         """Every stored event after `after_seq`, in stream order, up to the end of the log as it is now."""
-        info = await self.js.stream_info(STREAM)
-        last = info.state.last_seq
+        last = await self.last_seq()
         if last <= after_seq:
             return
         subscription = await self.js.subscribe(">", stream=STREAM, ordered_consumer=True,
@@ -203,6 +209,18 @@ class Bus:
         """Close without draining: every publish was already confirmed, and draining a pull
         subscription waits out its timeout."""
         await self.nc.close()
+
+
+async def patiently(request: Callable[[], Awaitable[T]], patience_s: float = PATIENCE_S) -> T:
+    """The request, asked again through a leader election (UNAVAILABLE) for up to patience_s."""
+    deadline = asyncio.get_running_loop().time() + patience_s
+    while True:
+        try:
+            return await request()
+        except UNAVAILABLE:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
 
 
 async def ack_after(message: Msg) -> None:

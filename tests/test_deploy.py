@@ -13,7 +13,7 @@ single node is started on loopback (its store moved to tmp_path) to show that Je
 
 What it cannot prove: that the image builds, that docker compose, kubectl or helm accept these files
 (their schemas are not checked, only the fields this project depends on), that the three nodes form a
-cluster under these host names (tests/test_cluster.py and the fault suite run deploy/nats-cluster on
+cluster under these host names (the fault suite, tests/test_faults.py, runs deploy/nats-cluster on
 loopback), that GPUs reach the containers, or that the executor's sandbox works under a container runtime.
 """
 

@@ -132,7 +132,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
                  evaluator.calibration_runs, settings.warmup_runs)
     service = EvaluatorService(bus, evaluator, producer)
     window_s = target.config.wall_limit_s(config.executor.budget_unit)
-    last_seq = (await bus.js.stream_info(STREAM)).state.last_seq
+    last_seq = await bus.last_seq()
     subscription = await bus.js.subscribe(
         ">", stream=STREAM, ordered_consumer=True,  # run events, and proposals for their purpose
         config=ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME,

@@ -31,7 +31,6 @@ from shared.config import Config
 from shared.diffs import EMPTY_SHA256, InvalidDiff, apply_ops
 from shared.events import (
     RUN_ABORTED,
-    STREAM,
     BadEvent,
     ProposalCreated,
     RunAborted,
@@ -188,7 +187,7 @@ class Executor:
                                                            seed_for(proposal, self.settings.seed))))
 
     async def already_finished(self, proposal_id: str) -> bool:
-        last_seq = (await self.bus.js.stream_info(STREAM)).state.last_seq
+        last_seq = await self.bus.last_seq()
         request = queries.FinishedRequest(proposal_id, after_seq=last_seq)
         return (await queries.ask(self.bus, queries.FINISHED, request, queries.FinishedReply)).finished
 

@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 from shared import queries
 from shared.bus import Bus
 from shared.config import Config
-from shared.events import RUN_FINISHED, STREAM, PolicyUpdated, new_id, now
+from shared.events import RUN_FINISHED, PolicyUpdated, new_id, now
 from shared.policy.adapters import pack_adapter, unpack_adapter
 from shared.queries import PublishedPolicy, Transition, TransitionsReply, TransitionsRequest
 from shared.service import instance_id, run_service
@@ -186,7 +186,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     finished = await bus.nc.subscribe(f"{RUN_FINISHED}.*", cb=on_finished)
     stopping = asyncio.create_task(on_stop())
     service = LearnerService(config, bus, producer, halt)
-    seen = (await bus.js.stream_info(STREAM)).state.last_seq  # a policy.updated published before a restart counts
+    seen = await bus.last_seq()  # a policy.updated published before a restart counts
     said = None
     try:
         while not stop.is_set():

@@ -78,7 +78,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     finished = await bus.nc.subscribe(f"{RUN_FINISHED}.*", cb=on_finished)
     # the first state includes everything stored before this start, such as the last proposal of a killed
     # predecessor that the ledger has not read yet: proposing again from older state would double it
-    seen_seq, terminated, retry_s = (await bus.js.stream_info(STREAM)).state.last_seq, None, RETRY_S[0]
+    seen_seq, terminated, retry_s = await bus.last_seq(), None, RETRY_S[0]
     while not stop.is_set():
         state = await queries.ask(bus, queries.STATE, queries.StateRequest(after_seq=seen_seq), queries.LedgerState)
         reason = termination_reason(state, config.proposer, now())
