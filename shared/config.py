@@ -90,7 +90,8 @@ class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     progress_interval_s: float = 1.0
     """run.progress events per run at most this often (phase changes always go out)."""
     memory_mb: int = 0
-    """Per run; 0: 60% of physical memory divided by the slots."""
+    """Per run; 0: 60% of the memory available (physical, or the container's cgroup limit if lower) divided by
+    the slots."""
     processes: int = 64
     file_size_mb: int = 2048
     open_files: int = 1024

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 
-from services.executor.runs import DivergenceGuard, ProgressThrottle, run_id_for, seed_for, unrun_result
+from services.executor.runs import (
+    DivergenceGuard,
+    ProgressThrottle,
+    memory_available,
+    run_id_for,
+    seed_for,
+    unrun_result,
+)
 from shared.events import ProposalCreated, RunFinished, decode, encode, new_id, now
 from shared.target.records import Budget, Progress
 
@@ -41,3 +50,13 @@ def test_a_proposal_with_a_seed_runs_under_it_and_any_other_under_the_configured
                                parent_code_sha256="a" * 64, unified_diff="", policy="t", policy_version="0")
     assert seed_for(proposal, configured=3) == 3
     assert seed_for(msgspec.structs.replace(proposal, seed=11, purpose="noise"), configured=3) == 11
+
+
+def test_memory_available_is_the_lower_of_the_machine_and_its_container(tmp_path: Path):
+    physical = memory_available(())
+    v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+    v2.write_text("max\n")  # no limit
+    v1.write_text(f"{2**63 - 4096}\n")  # v1's "no limit"
+    assert memory_available((v2, v1, tmp_path / "absent")) == physical
+    v2.write_text(f"{2**30}\n")  # a pod with 1 GiB
+    assert memory_available((v2, v1)) == 2**30

@@ -24,7 +24,14 @@ import nats
 import torch
 from nats.aio.msg import Msg
 
-from services.executor.runs import DivergenceGuard, ProgressThrottle, run_id_for, seed_for, unrun_result
+from services.executor.runs import (
+    DivergenceGuard,
+    ProgressThrottle,
+    memory_available,
+    run_id_for,
+    seed_for,
+    unrun_result,
+)
 from shared import queries
 from shared.bus import ABANDONED, UNAVAILABLE, WORK_QUEUE, Bus, ack_after
 from shared.config import Config
@@ -49,7 +56,7 @@ from shared.target.records import Budget, Progress, RunResult
 from shared.target.runner import StopRequest, resolve_device, run_target
 
 log = logging.getLogger("executor")
-PHYSICAL_MEMORY_SHARE = 0.6
+MEMORY_SHARE = 0.6
 SHUTDOWN_GRACE_S = 15.0
 
 
@@ -261,8 +268,7 @@ async def _keep_in_progress(message: Msg, every_s: float) -> None:
 
 
 def _memory_share(slots: int) -> int:
-    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return int(physical * PHYSICAL_MEMORY_SHARE / slots / 2**20)
+    return int(memory_available() * MEMORY_SHARE / slots / 2**20)
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:

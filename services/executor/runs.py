@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 from shared.events import ProposalCreated
 from shared.target.records import Budget, Progress, RunResult, Status
 
+CGROUP_MEMORY_LIMITS = (Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+"""cgroup v2, then v1: a container's memory limit, which the kernel enforces before the machine's runs out."""
 EXPLODING_FACTOR = 2.0
 """A train loss above this multiple of the run's first loss is exploding: no recovery is worth the budget."""
+
+
+def memory_available(cgroup_limits: tuple[Path, ...] = CGROUP_MEMORY_LIMITS) -> int:
+    """Bytes this process may use: physical memory, or its container's cgroup limit where that is lower."""
+    available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in cgroup_limits:
+        try:
+            limit = path.read_text().strip()
+        except OSError:
+            continue
+        if limit.isdigit():  # v2 says "max" when there is none
+            available = min(available, int(limit))
+    return available
 
 
 def run_id_for(proposal_id: str, attempt: int) -> str:
