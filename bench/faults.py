@@ -1,6 +1,6 @@
 """The fault suite: kill -9 anything in a running loop, and check that nothing was lost or doubled.
 
-    python -m bench.faults [--kills N] [--seed S]      (make faults) -> bench/results/faults.json
+    python -m bench.faults [--kills N] [--slots S] [--seed S]      (make faults) -> bench/results/faults.json
 
 The loop runs as processes (bench/loop.py) on a 3-node NATS cluster made from deploy/nats-cluster (streams with 3
 replicas), with two executor processes pulling from the one work queue, on a tiny CPU target in deterministic step
@@ -60,7 +60,7 @@ CLUSTER_CONFIGS = REPO / "deploy" / "nats-cluster"
 SERVICES = ("ledger", "executor", "evaluator", "learner", "proposer")
 VICTIMS = (*SERVICES, "nats")
 INSTANCES = {"executor": ("executor", "executor#2")}
-"""Two executors, one slot each (disjoint slots: as root each slot is a uid of its own)."""
+"""Two executors (disjoint slots: as root each slot is a uid of its own)."""
 KILL_GAP_S = (0.5, 4.0)
 RESUME_LIMIT_S = 120.0
 FINISHED = "SELECT count(*) FROM experiments WHERE finished_seq IS NOT NULL"
@@ -107,10 +107,11 @@ class Audit:
     """The projections the ledger built live equal those a fresh replay of its event log builds."""
 
 
-def start_services(loop: Loop) -> None:
+def start_services(loop: Loop, slots: int = 1) -> None:
+    """Every service, with two executors of `slots` slots each."""
     loop.start("ledger", "evaluator", "learner", "proposer")
-    loop.start("executor", EXECUTOR_FIRST_SLOT=0)
-    loop.start("executor#2", EXECUTOR_FIRST_SLOT=1)
+    loop.start("executor", EXECUTOR_SLOTS=slots, EXECUTOR_FIRST_SLOT=0)
+    loop.start("executor#2", EXECUTOR_SLOTS=slots, EXECUTOR_FIRST_SLOT=slots)
 
 
 def kill_anything(loop: Loop, nodes: list[EmbeddedServer], kills: int, rng: random.Random) -> list[Kill]:
@@ -312,7 +313,7 @@ def summary(kills: list[Kill]) -> dict[str, object]:
             "by_victim": by_victim, "nats_worst_catch_up_s": max(catch_up, default=None)}
 
 
-def run(work: Path, kills: int, seed: int, target: Path) -> dict[str, object]:
+def run(work: Path, kills: int, slots: int, seed: int, target: Path) -> dict[str, object]:
     """The whole suite; returns its figures."""
     rng = random.Random(seed)
     nodes = start_cluster(work / "cluster")
@@ -320,13 +321,14 @@ def run(work: Path, kills: int, seed: int, target: Path) -> dict[str, object]:
     try:
         loop = Loop(nodes, target, _folder(work / "services"), NATS_REPLICAS=len(nodes), PROPOSER_MAX_EXPERIMENTS=0)
         try:
-            start_services(loop)
+            start_services(loop, slots)
             done = kill_anything(loop, nodes, kills, rng)
             garbage = publish_garbage(loop, urls, rng)
             fleet = kill_an_executor_mid_run(loop)
         finally:
             loop.stop()
-        return {"seed": seed, "audit": asdict(audit(loop, urls)), **summary(done), "garbage": garbage,
+        return {"seed": seed, "executors": len(INSTANCES["executor"]), "slots_each": slots,
+                "audit": asdict(audit(loop, urls)), **summary(done), "garbage": garbage,
                 "executor_mid_run": fleet, "trials": [asdict(kill) for kill in done]}
     finally:
         for node in nodes:
@@ -345,13 +347,14 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=60, help="kill -9s, VICTIMS in turn (default 60)")
+    parser.add_argument("--slots", type=int, default=2, help="slots of each of the two executors (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="faults-") as work:
         corpus = Path(work) / "corpus"
         corpus.mkdir()
         target = make_target(Path(work) / "target", write_small_corpus(corpus), progress_interval_s=0.05)
-        figures = run(Path(work), args.kills, args.seed, target)
+        figures = run(Path(work), args.kills, args.slots, args.seed, target)
     write("faults", figures)
     return 0
 
