@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -71,8 +73,6 @@ class Kill:
     process: str
     at_s: float
     """Seconds into the loop."""
-    running: int
-    """Runs in training when it was killed."""
     resume_s: float
     """From the restart (a NATS node: from its loss) until the ledger held an event published after it."""
     catch_up_s: float | None = None
@@ -122,7 +122,7 @@ def kill_anything(loop: Loop, nodes: list[EmbeddedServer], kills: int, rng: rand
     for index in range(kills):
         time.sleep(rng.uniform(*KILL_GAP_S))
         victim = VICTIMS[index % len(VICTIMS)]
-        running, at_s = max(loop.count(RUNNING), 0), time.monotonic() - started
+        at_s = time.monotonic() - started
         if victim == "nats":
             node = rng.randrange(len(nodes))
             nodes[node].kill()
@@ -130,13 +130,12 @@ def kill_anything(loop: Loop, nodes: list[EmbeddedServer], kills: int, rng: rand
             nodes[node].start()
             back = time.monotonic()
             loop.wait_for(lambda: asyncio.run(replicas_current(urls)), 120, f"nats node {node + 1} to catch up")
-            done.append(Kill(f"nats#{node + 1}", round(at_s, 1), running, resume_s,
-                             round(time.monotonic() - back, 2)))
+            done.append(Kill(f"nats#{node + 1}", round(at_s, 1), resume_s, round(time.monotonic() - back, 2)))
         else:
             process = rng.choice(INSTANCES.get(victim, (victim,)))
             loop.kill(process)
             loop.start(process)
-            done.append(Kill(process, round(at_s, 1), running, _resumed(loop, urls, process)))
+            done.append(Kill(process, round(at_s, 1), _resumed(loop, urls, process)))
     return done
 
 
@@ -175,9 +174,6 @@ def kill_an_executor_mid_run(loop: Loop) -> dict[str, object]:
 RUNNING_BY = ("SELECT run_id, proposal_id, producer FROM events WHERE kind = 'run.progress' "
               "AND payload->>'phase' = 'training' AND run_id NOT IN "
               "(SELECT run_id FROM events WHERE kind IN ('run.finished', 'run.aborted')) ORDER BY seq DESC LIMIT 1")
-RUNNING = ("SELECT count(*) FROM (SELECT run_id, arg_max(payload->>'phase', seq) AS phase FROM events "
-           "WHERE kind = 'run.progress' GROUP BY run_id) WHERE phase = 'training' AND run_id NOT IN "
-           "(SELECT run_id FROM events WHERE kind IN ('run.finished', 'run.aborted'))")
 
 
 def publish_garbage(loop: Loop, urls: list[str], rng: random.Random) -> dict[str, int]:
@@ -341,20 +337,18 @@ def _folder(path: Path) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    import tempfile
-
     from bench.report import write
 
     parser = argparse.ArgumentParser(prog="python -m bench.faults", description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=60, help="kill -9s, VICTIMS in turn (default 60)")
     parser.add_argument("--slots", type=int, default=2, help="slots of each of the two executors (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", type=Path, help="work in this new folder and keep it (logs, ledger, NATS stores)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="faults-") as work:
-        corpus = Path(work) / "corpus"
-        corpus.mkdir()
-        target = make_target(Path(work) / "target", write_small_corpus(corpus), progress_interval_s=0.05)
-        figures = run(Path(work), args.kills, args.slots, args.seed, target)
+    with contextlib.ExitStack() as stack:
+        work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="faults-")))
+        target = make_target(work / "target", write_small_corpus(_folder(work / "corpus")), progress_interval_s=0.05)
+        figures = run(work, args.kills, args.slots, args.seed, target)
     write("faults", figures)
     return 0
 

@@ -11,7 +11,6 @@ request-reply (shared/queries.py) and users' SQL over a read-only HTTP API (api.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -34,7 +33,8 @@ from shared.service import instance_id, run_service
 log = logging.getLogger("ledger")
 T = TypeVar("T")
 CATCH_UP_TIMEOUT_S = 10.0
-"""A question waiting for an event the ledger has not committed yet is answered anyway after this."""
+"""A question waiting for an event the ledger has not committed yet goes unanswered after this, and the asker
+asks again (queries.ask): an answer from behind the asker's events could double a run or a proposal."""
 
 
 class LedgerService:
@@ -73,12 +73,14 @@ class LedgerService:
                 self.cursor = report.cursor
                 self.committed.notify_all()
 
-    async def caught_up(self, seq: int) -> None:
-        """Wait until the file holds stream sequence `seq` (read-your-writes for the asking service)."""
+    async def caught_up(self, seq: int) -> bool:
+        """Whether the file holds stream sequence `seq` within CATCH_UP_TIMEOUT_S (read-your-writes for the asker)."""
         async with self.committed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.committed.wait_for(lambda: self.cursor >= seq),
-                                       CATCH_UP_TIMEOUT_S)
+            try:
+                await asyncio.wait_for(self.committed.wait_for(lambda: self.cursor >= seq), CATCH_UP_TIMEOUT_S)
+            except TimeoutError:
+                return False
+        return True
 
     async def answer(self, subject: str, request_type: type, handle: Callable) -> None:
         async def respond(message: Msg) -> None:
@@ -87,7 +89,11 @@ class LedgerService:
             except msgspec.DecodeError as error:
                 log.warning("malformed %s request: %s", subject, error)
                 return
-            await self.caught_up(getattr(request, "after_seq", 0))
+            after_seq = getattr(request, "after_seq", 0)
+            if not await self.caught_up(after_seq):
+                log.info("%s waits for stream seq %d (the file holds %d); no answer yet", subject, after_seq,
+                         self.cursor)
+                return
             await message.respond(msgspec.json.encode(await handle(request)))
         await self.bus.nc.subscribe(subject, cb=respond)
 
