@@ -83,7 +83,8 @@ class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """0: the target's T_max."""
     seed: int = 0
     ack_wait_s: float = 30.0
-    """A proposal whose executor went silent this long is redelivered."""
+    """A proposal whose executor went silent this long is redelivered. Keep it above a NATS node's failover
+    (make faults: up to 12 s), or a run whose executor was reconnecting runs twice (the first finish counts)."""
     max_deliver: int = 3
     """Deliveries of one proposal at most; then the executors finish it as crashed, abandoned (no executor lived
     through it)."""

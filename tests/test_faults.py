@@ -15,6 +15,7 @@ from bench.faults import (
     INSTANCES,
     VICTIMS,
     audit,
+    fault_loop,
     kill_an_executor_mid_run,
     kill_anything,
     publish_garbage,
@@ -43,7 +44,7 @@ def test_kill_9_of_anything_loses_nothing_and_doubles_nothing(tiny: Path, tmp_pa
     nodes = start_cluster(tmp_path / "cluster")
     urls = [node.url for node in nodes]
     try:
-        loop = Loop(nodes, tiny, tmp_path, NATS_REPLICAS=len(nodes), PROPOSER_MAX_EXPERIMENTS=0)
+        loop = fault_loop(nodes, tiny, tmp_path)
         try:
             start_services(loop)
             kills = kill_anything(loop, nodes, len(VICTIMS), random.Random(0))
