@@ -36,7 +36,7 @@ from pathlib import Path
 import msgspec
 import nats
 
-from bench.loop import Loop, make_target, write_small_corpus
+from bench.loop import Loop, last_seq, make_target, write_small_corpus
 from services.ledger.projections import PROJECTION_TABLES
 from shared.bus import Bus
 from shared.diffs import EMPTY_SHA256
@@ -221,16 +221,6 @@ def publish_garbage(loop: Loop, urls: list[str], rng: random.Random) -> dict[str
         await bus.close()
         return {"stored": stored, "refused": refused}
     return asyncio.run(publish())
-
-
-def last_seq(urls: list[str]) -> int:
-    async def ask() -> int:
-        bus = await Bus.connect(urls, "faults")
-        try:
-            return await bus.last_seq()
-        finally:
-            await bus.close()
-    return asyncio.run(ask())
 
 
 def audit(loop: Loop, urls: list[str]) -> Audit:

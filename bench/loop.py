@@ -3,6 +3,7 @@ runs: for the end-to-end, crash and fault tests, the fault suite and the executo
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from services.ledger.store import Ledger
+from shared.bus import Bus
 from shared.nats_server import EmbeddedServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,6 +62,32 @@ def make_target(folder: Path, corpus: Path | str, train_py: str | None = None, *
     return folder
 
 
+HELD = "SELECT max(seq) FROM (SELECT seq FROM events UNION ALL SELECT seq FROM bad_events)"
+"""The last stream sequence the ledger file holds."""
+
+
+def last_seq(urls: list[str]) -> int:
+    """The stream's last sequence."""
+    async def ask() -> int:
+        bus = await Bus.connect(urls, "loop")
+        try:
+            return await bus.last_seq()
+        finally:
+            await bus.close()
+    return asyncio.run(ask())
+
+
+def _terminate(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 class Loop:
     """Ledger, executor and proposer as `python -m services.<name>.main`, configured by environment; random search
     unless told otherwise (it starts quickest: no model to load). A process name may add `#<instance>` to its
@@ -98,14 +126,14 @@ class Loop:
         process.wait()
 
     def stop(self) -> None:
-        for process in reversed(self.processes.values()):
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        """SIGTERM to every process; to the ledger last, once it holds all that the others published."""
+        _terminate([process for name, process in self.processes.items() if name != "ledger"])
+        if "ledger" in self.processes and self.alive("ledger"):
+            last = last_seq(self.env["AUTORESEARCH_NATS_SERVERS"].split(","))
+            deadline = time.monotonic() + 30
+            while (self.count(HELD) or 0) < last and time.monotonic() < deadline:
+                time.sleep(0.2)
+            _terminate([self.processes["ledger"]])
 
     def alive(self, name: str) -> bool:
         return self.processes[name].poll() is None

@@ -25,9 +25,9 @@ from bench.faults import (
 from bench.loop import Loop
 from services.executor.main import Executor
 from shared.bus import ABANDONED, WORK_QUEUE, Bus
-from shared.config import load_config
+from shared.config import Config, load_config
 from shared.diffs import EMPTY_SHA256
-from shared.events import RUN_FINISHED, ProposalCreated, decode, new_id, now
+from shared.events import RUN_FINISHED, ProposalCreated, RunFinished, decode, new_id, now
 from shared.target.config import load_target
 
 
@@ -69,9 +69,23 @@ def test_kill_9_of_anything_loses_nothing_and_doubles_nothing(tiny: Path, tmp_pa
     assert result.replay_matches
 
 
-async def test_a_proposal_no_executor_lived_through_is_finished_once_as_crashed(nats_server, tiny: Path):
+async def test_a_proposal_no_executor_lived_through_is_finished_once_as_crashed(nats_server, tiny: Path,
+                                                                                 tmp_path: Path):
     config = load_config(environ={"AUTORESEARCH_EXECUTOR_MAX_DELIVER": "1"})
-    bus = await Bus.connect([nats_server.url], "test")
+    ledger = Loop(nats_server, tiny, tmp_path).start("ledger")  # the executors ask it whether the run finished
+    try:
+        finished = await _abandon(nats_server.url, tiny, config)
+    finally:
+        await asyncio.to_thread(ledger.stop)  # it asks the stream, from a loop of its own
+    (event,) = finished
+    assert event.proposal_id == "doomed" and event.run_id == "doomed-1" and event.result.status == "crashed"
+    assert "abandoned after 1 deliveries" in event.result.error
+
+
+async def _abandon(url: str, tiny: Path, config: Config) -> list[RunFinished]:
+    """A proposal taken by an executor that dies before its run ends, with max_deliver 1; the run.finished
+    events the stream then holds."""
+    bus = await Bus.connect([url], "test")
     await bus.ensure_stream()
     await bus.ensure_work_queue(ack_wait_s=1.0, max_deliver=1)
     for _ in range(2):  # a fleet of two: both hear the advisory
@@ -82,15 +96,15 @@ async def test_a_proposal_no_executor_lived_through_is_finished_once_as_crashed(
     await bus.publish(proposal)
     work = await bus.pull(WORK_QUEUE)
     await work.fetch(1, timeout=2)  # taken, then never acked nor kept in progress: its executor died
-    finished = []
-    for _ in range(50):
-        finished = [item async for item in bus.replay() if item.subject.startswith(RUN_FINISHED)]
-        if finished:
+
+    async def finished() -> list[RunFinished]:
+        return [decode(item.subject, item.data) async for item in bus.replay() if item.subject.startswith(RUN_FINISHED)]
+
+    for _ in range(100):  # the advisory comes once ack_wait is over
+        if await finished():
             break
         await asyncio.sleep(0.2)
     await asyncio.sleep(1.0)  # time for the second executor's copy, which the stream must refuse
-    finished = [decode(item.subject, item.data) async for item in bus.replay() if item.subject.startswith(RUN_FINISHED)]
+    events = await finished()
     await bus.close()
-    (event,) = finished
-    assert event.proposal_id == "doomed" and event.run_id == "doomed-1" and event.result.status == "crashed"
-    assert "abandoned after 1 deliveries" in event.result.error
+    return events

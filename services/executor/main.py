@@ -173,9 +173,10 @@ class Executor:
         return (await queries.ask(self.bus, queries.CODE, request, queries.CodeReply)).code
 
     async def on_abandoned(self, advisory: Msg) -> None:
-        """The queue gave up on a proposal: each of its max_deliver executors died or went silent mid-run. It is
-        finished as crashed, so the ledger and the learner see its end. Every executor of the fleet hears the
-        advisory; the event id, made from the stream sequence, lets the stream store the first of them only."""
+        """The queue gave up on a proposal: each of its max_deliver executors died or went silent mid-run (or the
+        last one's ack was lost after its run finished: nothing to do then). It is finished as crashed, so the
+        ledger and the learner see its end. Every executor of the fleet hears the advisory; the event id, made
+        from the stream sequence, lets the stream store the first of them only."""
         try:
             found = msgspec.json.decode(advisory.data, type=MaxDeliveries)
             stored = await self.bus.stored(found.stream_seq)
@@ -184,6 +185,8 @@ class Executor:
             log.warning("max-deliveries advisory not handled: %s", error)
             return
         assert isinstance(proposal, ProposalCreated)
+        if await self.already_finished(proposal.proposal_id):  # its last ack was lost, not its run
+            return
         reason = (f"abandoned after {found.deliveries} deliveries: each executor died or went silent for "
                   f"executor.ack_wait_s ({self.settings.ack_wait_s:g} s) before finishing it")
         log.warning("proposal %s %s", proposal.proposal_id, reason)
