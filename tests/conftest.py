@@ -27,6 +27,20 @@ def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_small_corpus(tmp_path_factory.mktemp("small_corpus"))
 
 
+def alive_processes(uid: int) -> list[int]:
+    """Processes of `uid` that are not zombies (a zombie holds no memory and runs nothing)."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        try:
+            status = Path(entry.path, "status").read_text() if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if fields and int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path):
     """A real nats-server with JetStream on a free loopback port, file storage in tmp_path."""

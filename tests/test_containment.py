@@ -1,6 +1,7 @@
-"""Containment of one run: the hard limit, resource limits, an external stop, and nothing left behind.
+"""Containment of one run beyond the hostile edits of test_hostile.py: memory spread over processes, an external
+stop, the supervisor's own death, the disk scan, and the reasons a crash is given.
 
-Each hostile train.py runs for real, on the CPU target shrunk to a few seconds (conftest.py).
+Each train.py runs for real, on the CPU target shrunk to a few seconds (conftest.py).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_target
+from conftest import REPO, alive_processes, make_target
 
 from shared.target.config import load_target
-from shared.target.limits import Limits, limit_hit, run_uid
+from shared.target.limits import MAX_DEPTH, Limits, disk, disk_breach, limit_hit, run_uid
 from shared.target.records import Budget, Progress, RunResult
 from shared.target.runner import StopRequest, run_target
 
@@ -40,57 +41,6 @@ def _run(tiny: Path, tmp_path: Path, source: str, *, config: dict | None = None,
     return run_target(load_target(target), budget=kwargs.pop("budget", Budget("seconds", 1)), **kwargs)
 
 
-def _alive(uid: int) -> list[int]:
-    """Processes of `uid` that are not zombies (a zombie holds no memory and runs nothing)."""
-    pids = []
-    for entry in os.scandir("/proc"):
-        try:
-            status = Path(entry.path, "status").read_text() if entry.name.isdigit() else ""
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if fields and int(fields["Uid"].split()[0]) == uid and fields["State"].split()[0] not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return pids
-
-
-def test_a_normal_run_is_judged_under_tight_limits(tiny: Path):
-    limits = Limits(memory_mb=3072, processes=32, file_size_mb=64, open_files=256)
-    result = run_target(load_target(tiny), budget=FEW_STEPS, limits=limits, slot=3)
-    assert result.status == "ok", result.error_tail
-    assert result.val_bpb > 1.0 and result.steps == FEW_STEPS.amount
-    uid = run_uid(3)
-    assert uid is None or not _alive(uid)
-
-
-ENDLESS = """
-import os
-print(f"visible={os.environ.get('CUDA_VISIBLE_DEVICES')} uid={os.getuid()}", flush=True)
-while True:
-    pass
-"""
-
-
-def test_an_endless_loop_is_killed_at_the_hard_limit(tiny: Path, tmp_path: Path):
-    result = _run(tiny, tmp_path, ENDLESS, slot=2, visible_devices="3")
-    assert result.status == "timeout" and "wall-clock limit of 4 s" in result.error
-    assert result.total_s < 8
-    assert "visible=3" in result.error_tail
-    assert f"uid={run_uid(2) or os.getuid()}" in result.error_tail
-
-
-@pytest.mark.parametrize(
-    "allocation",
-    ["import torch\ntorch.empty((50 * 2**30,), dtype=torch.uint8).fill_(1)\n", "x = bytearray(50 * 2**30)\n"],
-    ids=["torch", "python"],
-)
-def test_a_huge_allocation_crashes_the_run_not_the_machine(tiny: Path, tmp_path: Path, allocation: str):
-    result = _run(tiny, tmp_path, allocation, config=ROOMY, limits=Limits(memory_mb=4096))
-    assert result.status == "crashed"
-    assert result.error.startswith("train.py hit the memory limit of 4096 MB"), result.error
-    assert result.total_s < 10, "the allocation failed at once, not after the machine swapped"
-
-
 SPREAD = """
 import os, time
 for _ in range(4):
@@ -106,25 +56,7 @@ def test_memory_spread_over_processes_is_polled_and_killed(tiny: Path, tmp_path:
     result = _run(tiny, tmp_path, SPREAD, config=ROOMY, limits=Limits(memory_mb=2500), slot=4)
     assert result.status == "crashed" and result.error == "run exceeded its memory limit of 2500 MB"
     uid = run_uid(4)
-    assert uid is None or not _alive(uid)
-
-
-FORK_BOMB = """
-import os
-while True:
-    try:
-        if os.fork() == 0:
-            os.setsid()  # out of the process group the supervisor kills
-    except OSError:
-        pass
-"""
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="only a run with its own uid can be killed after it left its group")
-def test_a_fork_bomb_is_stopped_and_leaves_no_process(tiny: Path, tmp_path: Path):
-    result = _run(tiny, tmp_path, FORK_BOMB, config=ROOMY, limits=Limits(processes=16), slot=5)
-    assert result.status == "crashed" and result.error == "train.py hit the process limit of 16 tasks"
-    assert not _alive(run_uid(5))
+    assert uid is None or not alive_processes(uid)
 
 
 def _processes_of(module: str, data_root: Path) -> list[str]:
@@ -172,6 +104,7 @@ def test_a_stop_request_aborts_the_run_within_a_second(tiny: Path, data_root: Pa
         assert result.steps == FEW_STEPS.amount  # training had ended: the evaluator was the one stopped
 
 
+ENDLESS = "while True:\n    pass\n"
 SUPERVISOR = """
 import sys
 from shared.target.config import load_target
@@ -197,6 +130,52 @@ def test_the_run_dies_with_its_supervisor(tiny: Path, tmp_path: Path, data_root:
     finally:
         supervisor.kill()
         supervisor.wait()
+
+
+HOLDER = """
+import os, sys, time
+with open(sys.argv[1], "wb") as out:
+    out.write(os.urandom(3 << 20))
+    out.flush()
+    os.remove(sys.argv[1])
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_the_disk_scan_counts_blocks_once_and_deleted_files_held_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """What test_hostile's disk rows do not tell apart: hard links, sparse files, the files limit, long paths."""
+    (tmp_path / "a").write_bytes(os.urandom(1 << 20))
+    os.link(tmp_path / "a", tmp_path / "b")  # a second name for the same blocks
+    with open(tmp_path / "sparse", "wb") as sparse:
+        sparse.truncate(1 << 30)  # 1 GiB long, no blocks
+    limits = Limits(disk_mb=3, files=10)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "gone")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        now = disk(tmp_path, (holder.pid,), limits)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert now.files == 3 and 1 << 20 <= now.kept_bytes < (1 << 20) + (64 << 10)
+    assert 3 << 20 <= now.held_bytes < (3 << 20) + (64 << 10)
+    assert disk_breach(now, limits) == "run exceeded its disk limit of 3 MB: wrote 4 MB, 3 MB of it in deleted " \
+                                       "files it held open"
+    for i in range(8):
+        (tmp_path / f"empty-{i}").touch()
+    assert disk_breach(disk(tmp_path, (), limits), limits) == "run exceeded its limit of 10 files in its workspace"
+    deep = tmp_path / "deep"
+    deep.mkdir()
+    monkeypatch.chdir(deep)
+    for _ in range(MAX_DEPTH):  # 255-character names: far past what a path may be (PATH_MAX), by descriptors
+        os.mkdir("x" * 255)
+        os.chdir("x" * 255)
+    Path("bottom").write_bytes(os.urandom(1 << 20))
+    assert (now := disk(deep, (), Limits())).kept_bytes > 1 << 20 and not now.too_deep
+    os.mkdir("one-more")
+    assert disk_breach(disk(deep, (), Limits()), Limits()) == f"run nested folders more than {MAX_DEPTH} deep in its " \
+                                                            "workspace"
+    os.chdir(tmp_path)
 
 
 @pytest.mark.parametrize(

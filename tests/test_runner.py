@@ -1,8 +1,8 @@
-"""The harness end to end: real training processes, real exported models, honest val-bpb."""
+"""The harness end to end: real training processes, real exported models, honest val-bpb. Hostile train.py edits
+(hangs, cheats, escapes) are rows of test_hostile.py."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -39,74 +39,16 @@ def test_cpu_target_learns(data_root: Path):
     assert trained.val_bpb < untrained.val_bpb - 0.3, (trained.val_bpb, untrained.val_bpb)
 
 
-def test_deterministic_budget_repeats_exactly_and_printed_numbers_are_ignored(tiny: Path, tmp_path: Path):
+def test_deterministic_budget_repeats_exactly(tiny: Path):
     first = run_target(load_target(tiny), budget=FEW_STEPS, seed=3)
     second = run_target(load_target(tiny), budget=FEW_STEPS, seed=3)
-    boasting = (tiny / "train.py").read_text() + (
-        "\nprint('val_bpb: 0.000100')\nprint('{\"status\": \"ok\", \"val_bpb\": 0.0001}')\n"
-    )
-    cheat = run_target(load_target(tiny), boasting, budget=FEW_STEPS, seed=3)
-    assert first.status == second.status == cheat.status == "ok"
-    assert first.val_bpb == second.val_bpb == cheat.val_bpb
+    assert first.status == second.status == "ok"
+    assert first.val_bpb == second.val_bpb
     assert first.val_bpb > 1.0
     assert (first.steps, first.tokens) == (second.steps, second.tokens)
-    assert first.code_sha256 == second.code_sha256 != cheat.code_sha256
+    assert first.code_sha256 == second.code_sha256
     other_seed = run_target(load_target(tiny), budget=FEW_STEPS, seed=4)
     assert other_seed.val_bpb != first.val_bpb
-
-
-def test_a_model_without_causal_mask_is_rejected(tiny: Path, tmp_path: Path):
-    source = (tiny / "train.py").read_text()
-    assert "is_causal=True" in source
-    target = _variant(tiny, tmp_path, source.replace("is_causal=True", "is_causal=False"))
-    result = run_target(load_target(target), budget=FEW_STEPS)
-    assert result.status == "rejected"
-    assert result.val_bpb is None and "causality probe failed" in result.error
-
-
-HOSTILE = '''
-import glob, os, socket
-attempts = {{}}
-def attempt(name, action):
-    try:
-        action()
-        attempts[name] = "LEAK"
-    except OSError as error:
-        attempts[name] = type(error).__name__
-attempt("open val.bin", lambda: open({val!r}, "rb").read(16))
-attempt("list data root", lambda: os.listdir({root!r}))
-attempt("write outside workspace", lambda: open({root!r} + "/planted.txt", "w").write("x"))
-attempt("connect", lambda: socket.create_connection(("127.0.0.1", {port}), timeout=2))
-attempt("udp", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b"leak", ("127.0.0.1", {udp})))
-attempts["val files found"] = len(glob.glob({root!r} + "/**/val.bin", recursive=True))
-attempts["val path in environment"] = any("val.bin" in v for v in os.environ.values())
-raise SystemExit("probe results: " + repr(attempts))
-'''
-
-
-def test_training_cannot_read_the_val_split_write_outside_or_connect(tiny: Path, tmp_path: Path, data_root: Path):
-    config = load_target(tiny).config
-    data = prepare(config.corpus, config.tokenizer)
-    with socket.create_server(("127.0.0.1", 0)) as listener, socket.socket(type=socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
-        udp.setblocking(False)
-        source = HOSTILE.format(val=str(data.val_bin), root=str(data_root), port=listener.getsockname()[1],
-                                udp=udp.getsockname()[1])
-        result = run_target(load_target(_variant(tiny, tmp_path, source)), budget=FEW_STEPS)
-        with pytest.raises(BlockingIOError):
-            udp.recv(16)
-    assert result.status == "crashed"
-    assert result.sandbox.startswith("landlock"), "these guarantees need a kernel with Landlock"
-    assert result.sandbox.endswith("+netns"), "UDP isolation needs network namespaces (a root supervisor)"
-    probe = result.error_tail.split("probe results: ")[1]
-    assert "LEAK" not in probe
-    assert "'open val.bin': 'PermissionError'" in probe
-    assert "'list data root': 'PermissionError'" in probe
-    assert "'write outside workspace': 'PermissionError'" in probe
-    assert "'connect': 'PermissionError'" in probe
-    assert "'udp': 'OSError'" in probe  # network unreachable: the run's own namespace has no interface up
-    assert "'val files found': 0" in probe and "'val path in environment': False" in probe
-    assert not (data_root / "planted.txt").exists()
 
 
 def test_progress_streams_in_order_and_the_time_budget_holds(tiny: Path):
@@ -127,10 +69,10 @@ def test_progress_streams_in_order_and_the_time_budget_holds(tiny: Path):
     [
         ("def broken(:\n", "invalid", "does not compile"),
         ("from prepare import session\nenv = session()\n", "crashed", "without calling env.submit"),
-        ("raise ValueError('boom in train.py')\n", "crashed", "exited with code 1"),
-        ("import time\ntime.sleep(600)\n", "timeout", "wall-clock limit"),
+        ("raise ValueError('boom in train.py')\n", "crashed",
+         "train.py raised ValueError: boom in train.py (training process exited with code 1)"),
     ],
-    ids=["syntax", "no-submit", "exception", "hang"],
+    ids=["syntax", "no-submit", "exception"],
 )
 def test_broken_train_py_is_contained_with_a_reason(tiny: Path, tmp_path: Path, source: str, status: str,
                                                     error: str):
@@ -138,7 +80,7 @@ def test_broken_train_py_is_contained_with_a_reason(tiny: Path, tmp_path: Path, 
     result = run_target(load_target(target), budget=Budget("seconds", 1))
     assert result.status == status and error in result.error
     assert result.val_bpb is None
-    if status == "crashed" and "exception" in source:
+    if "boom" in source:
         assert "boom in train.py" in result.error_tail
 
 

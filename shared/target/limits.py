@@ -12,6 +12,12 @@ Each run process (trainer, evaluator) starts through `preexec`, before any code 
   the run's workspace. Every process of that uid is the run's, which is also how the run is killed
   when it has escaped its process group with setsid (`reap`). Concurrent runs need distinct slots.
 - file size (RLIMIT_FSIZE), open files (RLIMIT_NOFILE), no core dumps (RLIMIT_CORE = 0).
+- disk: RLIMIT_FSIZE caps one file, not many. Every DISK_SCAN_S the supervisor adds up what the run's
+  files take on disk (`disk`): the allocated blocks under its run folder (workspace and log, the only
+  places it may write besides /dev/shm, below), and the files its processes deleted but still
+  hold open; it kills the run past `disk_mb` or `files` (`disk_breach`). A run can overshoot by what
+  it writes between two scans. Deleted files it only maps (mmap, fd closed) are not counted; on CPU
+  RLIMIT_AS bounds them. The runner empties the workspace after the run.
 - PR_SET_PDEATHSIG = SIGKILL: the process dies with the supervisor, even after a kill -9 of it.
 
 Reading files: the dedicated uid keeps a single capability, CAP_DAC_READ_SEARCH (read any file),
@@ -20,13 +26,23 @@ because the Python install, the target and the data root need not be readable by
 capabilities as well (it also refuses open_by_handle_at outside the list). Without Landlock the run
 reads every file, as it did when it ran as root, but writes only where any user may.
 
-Network: where the supervisor may create namespaces (root, CAP_SYS_ADMIN), each run process gets a
-network namespace of its own, whose only interface is a loopback that is down: no TCP, UDP or DNS
-reaches anything, and the result's `sandbox` says `+netns`. Elsewhere Landlock (sandbox.py) is all
-there is: TCP bind and connect are refused (ABI >= 4), but UDP is not restricted (datagrams go
-anywhere, so DNS resolves and can carry data out). Either way abstract unix sockets outside the run
-are refused (ABI >= 6), and a pathname unix socket can be connected to when its file mode lets the
-run's uid write it.
+/dev/shm: Landlock lets a run write /dev (devices, and CUDA), so /dev/shm too: files there are memory
+that neither the VmRSS poll nor the disk scan sees, and they outlive the run. Where the supervisor may
+create namespaces (root, CAP_SYS_ADMIN), each run process gets a mount namespace whose /dev/shm is a
+tmpfs of its own of SHM_MB, gone with the process; the result's `sandbox` says `+shm`. Elsewhere the
+machine's /dev/shm is open to the run.
+
+Network: where the supervisor may create namespaces, each run process gets a network namespace of its
+own, whose only interface is a loopback that is down: no TCP, UDP or DNS reaches anything, and the
+result's `sandbox` says `+netns`. Elsewhere Landlock (sandbox.py) is all there is: TCP bind and
+connect are refused (ABI >= 4), but UDP is not restricted (datagrams go anywhere, so DNS resolves and
+can carry data out). Either way abstract unix sockets outside the run are refused (ABI >= 6), and a
+pathname unix socket can be connected to when its file mode lets the run's uid write it.
+
+Signals: a run cannot kill its supervisor, the machine's other processes or another run where either
+holds: its uid is its own (root supervisor; kill(-1) then reaches only the run's own processes), or
+Landlock scopes signals to its domain (ABI >= 6). Where neither does (a non-root supervisor on an
+older kernel), the run can kill its supervisor, and PR_SET_PDEATHSIG takes the run down with it.
 """
 
 from __future__ import annotations
@@ -35,6 +51,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import itertools
 import os
 import resource
 import signal
@@ -55,12 +72,23 @@ AUTO_MEMORY_SHARE = 0.6
 SLOT_LOCKS = "/tmp/autoresearch-run-uid{uid}.lock"
 REAP_ROUNDS = 20
 REAP_PAUSE_S = 0.05
+DISK_SCAN_S = 1.0
+"""How often the supervisor adds up the run's files (a walk of its run folder)."""
+MAX_DEPTH = 32
+"""Folders nested deeper in a run folder end the run: training needs a few levels (inductor's and triton's caches),
+and the disk scan holds a descriptor per level."""
+SHM_MB = 256
+"""Size of a run process's own /dev/shm, where it gets a mount namespace."""
+_SHM_OPTIONS = f"size={SHM_MB}m,mode=1777".encode()
 
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_KEEPCAPS = 1, 4, 8
 _PR_SET_NO_NEW_PRIVS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 38, 47, 2
 _CAP_DAC_READ_SEARCH = 2
-_CLONE_NEWNET = 0x40000000
+_CLONE_NEWNET, _CLONE_NEWNS = 0x40000000, 0x00020000
+_MS_NOSUID, _MS_NODEV, _MS_REC, _MS_PRIVATE = 2, 4, 1 << 14, 1 << 18
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+_OPEN_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -76,6 +104,14 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     """Largest file a run process may write (the exported model is one)."""
     open_files: int = 1024
     """File descriptors per process."""
+    disk_mb: int = 8192
+    """Disk the run's files may take: its workspace and log, and deleted files it holds open."""
+    files: int = 100_000
+    """Files and folders the run may have in its workspace (each one an inode, whatever its size)."""
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.disk_mb << 20
 
     @property
     def memory_bytes(self) -> int:
@@ -135,10 +171,13 @@ def preexec(limits: Limits, device: str, uid: int | None) -> Callable[[], None]:
     nproc = _tasks_of(os.getuid() if uid is None else uid) + limits.processes
     memory = limits.memory_bytes
 
-    isolate_network = network_namespaces()
+    isolate_network, own_shm = network_namespaces(), private_shm()
 
     def apply() -> None:
-        if isolate_network and _libc.unshare(_CLONE_NEWNET) != 0:  # before giving up root, which it needs
+        # Before giving up root, which they need.
+        if isolate_network and _libc.unshare(_CLONE_NEWNET) != 0:
+            os._exit(126)
+        if own_shm and not _mount_own_shm():
             os._exit(126)
         if device == "cpu":  # CUDA reserves huge virtual ranges; the supervisor's VmRSS poll covers it
             _limit(resource.RLIMIT_AS, memory)
@@ -161,11 +200,32 @@ def preexec(limits: Limits, device: str, uid: int | None) -> Callable[[], None]:
 @functools.cache
 def network_namespaces() -> bool:
     """Whether run processes can get a network namespace of their own (asked once, of a throwaway child)."""
+    return _in_child(lambda: _libc.unshare(_CLONE_NEWNET) == 0)
+
+
+@functools.cache
+def private_shm() -> bool:
+    """Whether run processes can get a /dev/shm of their own (asked once, of a throwaway child)."""
+    return os.path.isdir("/dev/shm") and _in_child(_mount_own_shm)
+
+
+def _in_child(attempt: Callable[[], bool]) -> bool:
     child = os.fork()
     if child == 0:
-        os._exit(0 if _libc.unshare(_CLONE_NEWNET) == 0 else 1)
+        os._exit(0 if attempt() else 1)
     _, status = os.waitpid(child, 0)
     return os.waitstatus_to_exitcode(status) == 0
+
+
+def _mount_own_shm() -> bool:
+    """Give this (root) process a mount namespace whose /dev/shm is a tmpfs of SHM_MB. System calls only: it runs
+    between fork and exec."""
+    if _libc.unshare(_CLONE_NEWNS) != 0:
+        return False
+    # Private first: with shared propagation the tmpfs would also appear on the machine.
+    if _libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        return False
+    return _libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", _MS_NOSUID | _MS_NODEV, _SHM_OPTIONS) == 0
 
 
 def _limit(which: int, value: int) -> None:
@@ -250,12 +310,14 @@ class Usage:
 
     resident_mb: float
     tasks: int
+    pids: tuple[int, ...] = ()
 
 
 def usage(pgid: int, uid: int | None) -> Usage:
     """The run's processes: its process group, and every process of its dedicated uid if it has one."""
     mine = [t for t in _processes() if not t.zombie and (t.pgid == pgid or (uid is not None and t.uid == uid))]
-    return Usage(resident_mb=sum(t.resident_kb for t in mine) / 1024, tasks=sum(t.threads for t in mine))
+    return Usage(resident_mb=sum(t.resident_kb for t in mine) / 1024, tasks=sum(t.threads for t in mine),
+                 pids=tuple(t.pid for t in mine))
 
 
 def breach(now: Usage, limits: Limits) -> str | None:
@@ -264,6 +326,105 @@ def breach(now: Usage, limits: Limits) -> str | None:
         return f"train.py hit the process limit of {limits.processes} tasks"
     if now.resident_mb * 2**20 > limits.memory_bytes:
         return f"run exceeded its memory limit of {limits.memory_bytes >> 20} MB"
+    return None
+
+
+@dataclass(frozen=True)
+class Disk:
+    """What the run's files take on disk now, in allocated blocks (a sparse file costs what it holds)."""
+
+    kept_bytes: int
+    """Under the run folder: workspace and log."""
+    files: int
+    """Files and folders in the run folder; the walk stops a file past the limit."""
+    held_bytes: int
+    """Files the run's processes deleted but still hold open (memfd too): disk or memory until closed."""
+    too_deep: bool = False
+    """Folders nested past MAX_DEPTH (the walk stops there)."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.kept_bytes + self.held_bytes
+
+
+def disk(run_dir: Path, pids: tuple[int, ...], limits: Limits) -> Disk:
+    """Add up the run's files: a walk of its run folder, and the open files of its processes. The walk goes by
+    descriptors, one per level (no path grows past what the system can name), and stops past the limits."""
+    seen: set[tuple[int, int]] = set()  # hard links count once
+    kept, files, deep = 0, 0, False
+    levels = [folder] if (folder := _open_folder(str(run_dir), None, limits.files)) else []
+    try:
+        while levels and files <= limits.files:
+            fd, entries = levels[-1]
+            entry = next(entries, None)
+            if entry is None:
+                os.close(levels.pop()[0])
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:  # gone meanwhile
+                continue
+            files += 1
+            if (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                kept += info.st_blocks * 512
+            if stat.S_ISDIR(info.st_mode):
+                if len(levels) > MAX_DEPTH:
+                    deep = True
+                    break
+                if folder := _open_folder(entry.name, fd, limits.files):
+                    levels.append(folder)
+    finally:
+        for fd, _ in levels:
+            os.close(fd)
+    held = 0
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                info = os.stat(f"/proc/{pid}/fd/{fd}")  # follows the link to the file, deleted or not
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 0 and (info.st_dev, info.st_ino) not in seen:
+                seen.add((info.st_dev, info.st_ino))
+                held += info.st_blocks * 512
+    return Disk(kept_bytes=kept, files=files, held_bytes=held, too_deep=deep)
+
+
+def _open_folder(name: str, parent: int | None, most: int) -> tuple[int, Iterator[os.DirEntry]] | None:
+    """A folder's descriptor and up to `most` + 1 of its entries, or None when it is gone. A run of the supervisor's
+    own uid may have hidden it (chmod 000): its owner opens it up."""
+    for attempt in range(2):
+        try:
+            fd = os.open(name, _OPEN_FOLDER, dir_fd=parent)
+        except PermissionError:
+            if attempt == 0:
+                with contextlib.suppress(OSError):
+                    os.chmod(name, 0o700, dir_fd=parent)
+            continue
+        except OSError:
+            return None
+        try:
+            with os.scandir(fd) as entries:  # their stat() goes through fd, which stays open
+                return fd, iter(list(itertools.islice(entries, most + 1)))
+        except OSError:
+            os.close(fd)
+            return None
+    return None
+
+
+def disk_breach(now: Disk, limits: Limits) -> str | None:
+    """Why the run must be killed for what it wrote, or None."""
+    if now.too_deep:
+        return f"run nested folders more than {MAX_DEPTH} deep in its workspace"
+    if now.files > limits.files:
+        return f"run exceeded its limit of {limits.files} files in its workspace"
+    if now.total_bytes > limits.disk_bytes:
+        held = f", {now.held_bytes >> 20} MB of it in deleted files it held open" if now.held_bytes >> 20 else ""
+        return f"run exceeded its disk limit of {limits.disk_mb} MB: wrote {now.total_bytes >> 20} MB{held}"
     return None
 
 

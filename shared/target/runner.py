@@ -7,7 +7,8 @@ process group, confined (sandbox.py) and under resource limits (limits.py): the 
 train.py and reports progress as JSON lines on a dedicated pipe; the evaluator scores the exported
 model on the val split, which the trainer cannot read. Every POLL_S the supervisor checks the wall
 clock, a stop request and the limits, and kills the run when one says so. Whatever train.py prints
-is kept only as the log tail of failed runs.
+is kept only as the log tail of failed runs. After the run, its folder keeps train.py, the context
+and the end of the log; whatever else the run wrote is deleted.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import contextlib
 import hashlib
 import os
 import selectors
-import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -34,15 +35,19 @@ from shared.target.config import Target
 from shared.target.data import PreparedData, data_root, prepare
 from shared.target.evaluate import Evaluation
 from shared.target.limits import (
+    DISK_SCAN_S,
     Limits,
     breach,
     check_can_run_as,
+    disk,
+    disk_breach,
     end_run,
     hand_over,
     hold_slot,
     limit_hit,
     network_namespaces,
     preexec,
+    private_shm,
     reap,
     run_uid,
     usage,
@@ -54,7 +59,11 @@ from shared.target.trainer import NOT_SUBMITTED_EXIT
 POLL_S = 0.2
 """How often the supervisor checks the clock, a stop request and the limits of a running process."""
 MAX_PROGRESS_LINE = 1 << 16
+MAX_REASON = 200
+"""Characters of an exception line quoted in a crash's error (the log tail has all of it)."""
 ERROR_TAIL_BYTES = 4096
+LOG_KEPT_BYTES = 1 << 20
+"""What stays of a run's log after the run: its last MB (the run may have written up to its disk limit)."""
 PASSED_ENV = ("PATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_HOME")
 
 ProgressCallback = Callable[[Progress], None]
@@ -149,12 +158,12 @@ def run_target(
     limit = config.wall_limit_s(budget.unit)
     try:
         with hold_slot(uid):
-            return _train_and_judge(run, launcher, _Guard(limits, uid, stop), (read_end, write_end), limit,
-                                    config.eval_allowance_s, on_progress)
+            return _train_and_judge(run, launcher, _Guard(limits, uid, stop, run_dir), (read_end, write_end),
+                                    limit, config.eval_allowance_s, on_progress)
     finally:
         os.close(read_end)
-        shutil.rmtree(workspace / "tmp", ignore_errors=True)
-        Path(context.model_path).unlink(missing_ok=True)
+        _clear(workspace, code)
+        _cut(launcher.log_path, LOG_KEPT_BYTES)
 
 
 def _train_and_judge(run: _Run, launcher: _Launcher, guard: _Guard, progress: tuple[int, int], limit: float,
@@ -172,13 +181,14 @@ def _train_and_judge(run: _Run, launcher: _Launcher, guard: _Guard, progress: tu
     run.spawned = time.monotonic()
     channel = _Channel(read_end, run, on_progress)
     try:
-        verdict = _watch(trainer, guard, run.spawned + limit, f"run exceeded its wall-clock limit of {limit:.0f} s",
-                         channel.wait)
+        verdict = _watch(trainer, guard, run.spawned + limit, f"killed at the run's hard wall-clock limit of "
+                         f"{limit:.0f} s", channel.wait)
     finally:
         channel.close()
     log_path = launcher.log_path
     if verdict is not None:
-        return run.result(verdict.status, error=verdict.error, error_tail=_failure_tail(verdict.status, log_path))
+        error = f"{verdict.error}, {_where(run.last)}" if verdict.status == "timeout" else verdict.error
+        return run.result(verdict.status, error=error, error_tail=_failure_tail(verdict.status, log_path))
     if trainer.returncode != 0:
         reason = ("train.py ended without calling env.submit(model)" if trainer.returncode == NOT_SUBMITTED_EXIT
                   else _exit_reason("training process", "train.py", trainer.returncode, log_path, launcher.limits))
@@ -188,10 +198,21 @@ def _train_and_judge(run: _Run, launcher: _Launcher, guard: _Guard, progress: tu
                       error=evaluation.error, error_tail=_failure_tail(evaluation.status, log_path))
 
 
+def _where(last: Progress) -> str:
+    """Where training was when the clock ran out, from its last progress record."""
+    if last.phase == "started":
+        return "before its first training step"
+    if last.phase == "training":
+        return f"in training, {last.step} steps done"
+    return "while handing in its model"
+
+
 def _sandbox_name() -> str:
     parts = [f"landlock-abi{abi_version()}"] if abi_version() else []
     if network_namespaces():
         parts.append("netns")
+    if private_shm():
+        parts.append("shm")
     return "+".join(parts) or "none"
 
 
@@ -325,7 +346,9 @@ class _Guard:
     limits: Limits
     uid: int | None
     stop: StopRequest | None
+    run_dir: Path
     next_scan: float = 0.0
+    next_disk_scan: float = 0.0
 
     def check(self, process: subprocess.Popen, deadline: float, timeout_error: str) -> _Verdict | None:
         if self.stop is not None and (reason := self.stop.reason) is not None:
@@ -336,7 +359,11 @@ class _Guard:
         if now < self.next_scan:  # progress lines can wake the loop often; /proc is read once a poll
             return None
         self.next_scan = now + POLL_S
-        exceeded = breach(usage(process.pid, self.uid), self.limits)
+        processes = usage(process.pid, self.uid)
+        exceeded = breach(processes, self.limits)
+        if exceeded is None and now >= self.next_disk_scan:  # a walk of the run folder: less often
+            self.next_disk_scan = now + DISK_SCAN_S
+            exceeded = disk_breach(disk(self.run_dir, processes.pids, self.limits), self.limits)
         return _Verdict("crashed", exceeded) if exceeded else None
 
     def end(self, process: subprocess.Popen) -> None:
@@ -409,7 +436,8 @@ def _evaluate(launcher: _Launcher, guard: _Guard, allowance: float) -> Evaluatio
     output = launcher.run_dir / "evaluation.json"  # a file, not a pipe: the supervisor polls instead of reading
     with open(launcher.log_path, "ab") as log, open(output, "wb") as out:
         evaluator = launcher.spawn("shared.target.evaluate", log, stdout=out)
-    verdict = _watch(evaluator, guard, time.monotonic() + allowance, f"evaluation exceeded {allowance:.0f} s",
+    verdict = _watch(evaluator, guard, time.monotonic() + allowance,
+                     f"killed at the evaluation's wall-clock limit of {allowance:.0f} s",
                      lambda timeout: _wait(evaluator, timeout))
     if verdict is not None:
         return Evaluation(status=verdict.status, error=verdict.error)
@@ -427,10 +455,55 @@ def _wait(process: subprocess.Popen, timeout: float) -> None:
 
 
 def _exit_reason(process: str, subject: str, code: int, log_path: Path, limits: Limits) -> str:
-    """Why a run process failed, naming the limit it hit when its log or exit status tells."""
-    exited = f"{process} exited with code {code}"
-    hit = limit_hit(subject, code, _tail(log_path), limits)
-    return f"{hit} ({exited})" if hit else exited
+    """Why a run process failed, naming the limit it hit, else the exception it died of, when its log or exit
+    status tells."""
+    exited = f"{process} was killed by {_signal_name(-code)}" if code < 0 else f"{process} exited with code {code}"
+    tail = _tail(log_path)
+    hit = limit_hit(subject, code, tail, limits)
+    if hit:
+        return f"{hit} ({exited})"
+    raised = _exception(tail)
+    return f"{subject} raised {raised} ({exited})" if raised else exited
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _exception(log_tail: str) -> str | None:
+    """The exception line that ends a Python traceback at the end of the log, cut to one short line."""
+    if "Traceback (most recent call last):" not in log_tail:
+        return None
+    lines = [line for line in log_tail.splitlines() if line.strip()]
+    if not lines or lines[-1].startswith(" "):
+        return None
+    return lines[-1] if len(lines[-1]) <= MAX_REASON else lines[-1][: MAX_REASON - 3] + "..."
+
+
+def _clear(workspace: Path, code: str) -> None:
+    """Delete what the run wrote in its workspace, leaving the train.py it ran; its processes are dead by now. By rm,
+    not shutil.rmtree: that recurses, and raises RecursionError (ignore_errors or not) in a tree a few thousand
+    folders deep, which a run makes in a tenth of a second."""
+    with contextlib.suppress(OSError):
+        subprocess.run(["rm", "-rf", "--", str(workspace)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+        workspace.mkdir(exist_ok=True)
+        (workspace / "train.py").write_text(code)
+
+
+def _cut(log_path: Path, kept: int) -> None:
+    """Keep the last `kept` bytes of a log."""
+    with contextlib.suppress(FileNotFoundError), open(log_path, "r+b") as log:
+        size = log.seek(0, os.SEEK_END)
+        if size > kept:
+            log.seek(size - kept)
+            end = log.read()
+            log.seek(0)
+            log.write(end)
+            log.truncate()
 
 
 def _failure_tail(status: Status, log_path: Path) -> str | None:
