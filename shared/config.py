@@ -96,6 +96,10 @@ class Executor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     processes: int = 64
     file_size_mb: int = 2048
     open_files: int = 1024
+    disk_mb: int = 8192
+    """Per run: its workspace, log and the deleted files it holds open, polled every second."""
+    files: int = 100_000
+    """Per run: files and folders in its workspace."""
 
 
 class Proposer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

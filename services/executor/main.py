@@ -78,7 +78,8 @@ class Executor:
         self.device = resolve_device(target.config.device)
         self.limits = Limits(memory_mb=self.settings.memory_mb or _memory_share(self.settings.slots),
                              processes=self.settings.processes, file_size_mb=self.settings.file_size_mb,
-                             open_files=self.settings.open_files)
+                             open_files=self.settings.open_files, disk_mb=self.settings.disk_mb,
+                             files=self.settings.files)
         self.active: set[StopRequest] = set()
         self.stopping = False
 
