@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from shared.events import (
     run_subject,
 )
 from shared.nats_server import EmbeddedServer, free_port
+from shared.service import instance_id
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_CONFIGS = REPO / "deploy" / "nats-cluster"
@@ -159,7 +159,7 @@ def _resumed(loop: Loop, urls: list[str], victim: str) -> float:
 def kill_an_executor_mid_run(loop: Loop) -> dict[str, object]:
     """The fleet's promise: kill -9 the executor of a run in training; another executor runs its proposal (as a new
     run, `<proposal>-2`), and the proposal ends with one finished run. The killed one restarts afterwards."""
-    pids = {f"executor/{socket.gethostname()}-{loop.processes[name].pid}": name for name in INSTANCES["executor"]}
+    pids = {instance_id("executor", loop.processes[name].pid): name for name in INSTANCES["executor"]}
     runs: list[tuple] = []
 
     def running() -> bool:

@@ -15,9 +15,9 @@ from shared.config import Config, ConfigError, load_config
 Serve = Callable[[Config, asyncio.Event], Awaitable[None]]
 
 
-def instance_id(service: str) -> str:
-    """`executor/host-1234`: the producer of every event a process publishes."""
-    return f"{service}/{socket.gethostname()}-{os.getpid()}"
+def instance_id(service: str, pid: int | None = None) -> str:
+    """`executor/host-1234`: the producer of every event a process (this one by default) publishes."""
+    return f"{service}/{socket.gethostname()}-{pid or os.getpid()}"
 
 
 def run_service(service: str, serve: Serve) -> None:
