@@ -1,8 +1,9 @@
-"""Questions services ask the ledger over core NATS request-reply, and the answers' shapes.
+"""Questions services ask over core NATS request-reply, and the answers' shapes.
 
-The ledger is the only process that opens the DuckDB file; everyone else asks it. A request may
-carry `after_seq`: the ledger answers only once it has committed that stream sequence, so a
-service that has just seen an event reads a state that includes it.
+Most are for the ledger: it is the only process that opens the DuckDB file; everyone else asks it.
+A request may carry `after_seq`: the ledger answers only once it has committed that stream
+sequence, so a service that has just seen an event reads a state that includes it. One is for the
+executors (RUNNING): nothing is stored, only a live executor can answer it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ CURVES = "ledger.curves"
 """Training curves of finished runs (shared/curves.py): what the evaluator calibrates on."""
 TRANSITIONS = "ledger.transitions"
 """The learner's PPO transitions not learned from yet, and the policy versions published so far."""
+RUNNING = "executor.running"
+"""Which run of a proposal is alive on some executor: asked before running a redelivered proposal, whose
+first delivery may still be running (a NATS failover can redeliver a proposal under a live run)."""
 
 
 class StateRequest(msgspec.Struct, frozen=True):
@@ -111,6 +115,17 @@ class FinishedRequest(msgspec.Struct, frozen=True):
 
 class FinishedReply(msgspec.Struct, frozen=True):
     finished: bool
+
+
+class RunningRequest(msgspec.Struct, frozen=True):
+    proposal_id: str
+
+
+class RunningReply(msgspec.Struct, frozen=True):
+    """Sent only by the executor that runs the proposal; the others stay silent."""
+
+    run_id: str
+    executor_id: str
 
 
 class ReplayRequest(msgspec.Struct, frozen=True):

@@ -16,6 +16,7 @@ from conftest import make_target
 
 from bench.loop import Loop
 from services.ledger.store import Ledger
+from shared import queries
 from shared.bus import Bus
 from shared.diffs import EMPTY_SHA256, code_sha256
 from shared.events import STREAM, EditOp, ProposalCreated, RunAborted, new_id, now
@@ -177,6 +178,8 @@ def test_executor_obeys_run_aborted_within_a_second_and_aborts_a_diverged_loss(n
         asyncio.run(_publish(nats_server.url, long_run))
         asyncio.run(_publish(nats_server.url, diverging))
         loop.wait_for(lambda: loop.count(TRAINING) >= 1, 180, "the long run in training")
+        assert asyncio.run(_running(nats_server.url, "long-run")) == "long-run-1"  # what a redelivery asks first
+        assert asyncio.run(_running(nats_server.url, "diverging")) is None  # queued: no executor answers
         aborted_at = asyncio.run(_abort(nats_server.url, "long-run-1"))
         loop.wait_for(lambda: loop.count(FINISHED) >= 2, 300, "both runs to end")
     finally:
@@ -187,6 +190,17 @@ def test_executor_obeys_run_aborted_within_a_second_and_aborts_a_diverged_loss(n
     assert (datetime.fromisoformat(finished_at) - aborted_at).total_seconds() < 1.5
     (status, error), = loop.sql("SELECT status, error FROM experiments WHERE proposal_id = 'diverging'")
     assert status == "aborted" and ("non-finite" in error or "exploded" in error), error
+
+
+async def _running(url: str, proposal_id: str) -> str | None:
+    bus = await Bus.connect([url], "test")
+    try:
+        answer = await bus.request(queries.RUNNING, queries.RunningRequest(proposal_id), queries.RunningReply, 2.0)
+        return answer.run_id
+    except TimeoutError:
+        return None
+    finally:
+        await bus.close()
 
 
 async def _abort(url: str, run_id: str):

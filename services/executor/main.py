@@ -6,8 +6,9 @@ Per proposal: fetch the parent code from the ledger, apply the structured diff a
 target under its budget (shared/target/runner.py: sandbox, limits, hard wall-clock kill), stream
 rate-limited `run.progress`, stop at once on `run.aborted.<run_id>` or a diverged loss, publish exactly
 one `run.finished`, then ack. While it runs the proposal is kept with in-progress acks; if this process
-dies, the silence makes JetStream redeliver it to another executor as a new run. A proposal with a
-`parse_error` (the policy's answer was no edit) is finished at once as invalid, with that reason, unrun.
+dies, the silence makes JetStream redeliver it to another executor as a new run. A redelivery first asks
+the fleet whether a run of it is still alive (a failover loses in-progress acks) and waits for that one.
+A proposal with a `parse_error` (the policy's answer was no edit) is finished at once as invalid, unrun.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ from shared.target.runner import StopRequest, resolve_device, run_target
 log = logging.getLogger("executor")
 MEMORY_SHARE = 0.6
 SHUTDOWN_GRACE_S = 15.0
+RUNNING_REPLY_S = 2.0
+"""How long a redelivery waits for an executor to say it runs the proposal: silence means none does."""
 
 
 class MaxDeliveries(msgspec.Struct):
@@ -81,6 +84,8 @@ class Executor:
                              open_files=self.settings.open_files, disk_mb=self.settings.disk_mb,
                              files=self.settings.files)
         self.active: set[StopRequest] = set()
+        self.running: dict[str, str] = {}
+        """proposal_id -> run_id of the runs this process has taken and not yet reported."""
         self.stopping = False
 
     async def slot_loop(self, slot: int, stop: asyncio.Event) -> None:
@@ -110,18 +115,24 @@ class Executor:
         assert isinstance(proposal, ProposalCreated)
         heartbeat = asyncio.create_task(_keep_in_progress(message, self.settings.ack_wait_s / 3))
         try:
+            if attempt > 1:
+                await self.wait_while_running_elsewhere(proposal.proposal_id)
             if attempt > 1 and await self.already_finished(proposal.proposal_id):
                 log.info("proposal %s already finished before a redelivery; acking", proposal.proposal_id)
             else:
                 run_id = run_id_for(proposal.proposal_id, attempt)
                 log.info("run %s (slot %d): %s", run_id, slot, proposal.rationale or "no rationale")
-                result = await self.execute(proposal, run_id, seq, slot)
-                if self.stopping:
-                    await message.nak()
-                    return
-                await self.bus.publish_until_stored(RunFinished(
-                    event_id=new_id(), producer=self.instance, ts=now(), run_id=run_id,
-                    proposal_id=proposal.proposal_id, executor_id=self.instance, result=result))
+                self.running[proposal.proposal_id] = run_id
+                try:
+                    result = await self.execute(proposal, run_id, seq, slot)
+                    if self.stopping:
+                        await message.nak()
+                        return
+                    await self.bus.publish_until_stored(RunFinished(
+                        event_id=new_id(), producer=self.instance, ts=now(), run_id=run_id,
+                        proposal_id=proposal.proposal_id, executor_id=self.instance, result=result))
+                finally:
+                    del self.running[proposal.proposal_id]
                 bpb = "-" if result.val_bpb is None else f"{result.val_bpb:.4f}"
                 log.info("run %s %s: val_bpb %s, %d steps in %.1f s %s", run_id, result.status, bpb, result.steps,
                          result.training_s, result.error or "")
@@ -186,8 +197,8 @@ class Executor:
             log.warning("max-deliveries advisory not handled: %s", error)
             return
         assert isinstance(proposal, ProposalCreated)
-        if await self.already_finished(proposal.proposal_id):  # its last ack was lost, not its run
-            return
+        if await self.running_elsewhere(proposal.proposal_id) or await self.already_finished(proposal.proposal_id):
+            return  # a live run will report (deliveries lost in failovers), or its last ack was lost, not its run
         reason = (f"abandoned after {found.deliveries} deliveries: each executor died or went silent for "
                   f"executor.ack_wait_s ({self.settings.ack_wait_s:g} s) before finishing it")
         log.warning("proposal %s %s", proposal.proposal_id, reason)
@@ -196,6 +207,35 @@ class Executor:
             run_id=run_id_for(proposal.proposal_id, found.deliveries), proposal_id=proposal.proposal_id,
             executor_id=self.instance, result=unrun_result("crashed", reason, self.budget,
                                                            seed_for(proposal, self.settings.seed))))
+
+    async def wait_while_running_elsewhere(self, proposal_id: str) -> None:
+        """A redelivery can come while the first run is alive: JetStream redelivers after ack_wait without an
+        in-progress ack, and a NATS failover loses them. Running it again would run it twice, so this delivery
+        waits, kept in progress, for that run to end; if its executor dies instead, this delivery runs it."""
+        other = await self.running_elsewhere(proposal_id)
+        if other is not None:
+            log.info("proposal %s redelivered while %s runs it on %s; waiting for that run", proposal_id,
+                     other.run_id, other.executor_id)
+        while other is not None:
+            await asyncio.sleep(self.settings.ack_wait_s / 3)
+            other = await self.running_elsewhere(proposal_id)
+
+    async def running_elsewhere(self, proposal_id: str) -> queries.RunningReply | None:
+        """The live run of the proposal on any executor of the fleet (this one included), if there is one."""
+        try:
+            return await self.bus.request(queries.RUNNING, queries.RunningRequest(proposal_id), queries.RunningReply,
+                                          timeout=RUNNING_REPLY_S)
+        except TimeoutError:
+            return None
+
+    async def answer_running(self, message: Msg) -> None:
+        try:
+            request = msgspec.json.decode(message.data, type=queries.RunningRequest)
+        except msgspec.DecodeError:
+            return
+        run_id = self.running.get(request.proposal_id)
+        if run_id is not None:
+            await message.respond(msgspec.json.encode(queries.RunningReply(run_id, self.instance)))
 
     async def already_finished(self, proposal_id: str) -> bool:
         last_seq = await self.bus.last_seq()
@@ -287,6 +327,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
              config.executor.first_slot + config.executor.slots - 1, executor.budget, executor.device)
     first = config.executor.first_slot
     await bus.nc.subscribe(ABANDONED, cb=executor.on_abandoned)
+    await bus.nc.subscribe(queries.RUNNING, cb=executor.answer_running)
     slots = [asyncio.create_task(executor.slot_loop(slot, stop))
              for slot in range(first, first + config.executor.slots)]
     await stop.wait()
