@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from services.learner.rewards import Context, Outcome, Reward, changed_lines, d_edit, levenshtein, reward
+from services.learner.rewards import Context, Outcome, Reward, d_edit, levenshtein, reward
 from shared.config import Learner
 from shared.diffs import unified_diff
+from shared.edit_kinds import changed_lines
 
 SETTINGS = Learner()
 CODE = "".join(f"x{i} = {i}\n" for i in range(100))

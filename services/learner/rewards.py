@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.config import Learner
+from shared.edit_kinds import changed_lines
 
 
 @dataclass(frozen=True)
@@ -135,18 +136,6 @@ def d_edit(diff: str, history: Sequence[str], file_lines: int) -> float:
     mine = changed_lines(diff)
     closest = min(levenshtein(mine, changed_lines(other)) for other in [*history, ""])
     return closest / max(file_lines, 1)
-
-
-def changed_lines(unified_diff: str) -> list[str]:
-    """The + and − lines of a unified diff's hunks, signs kept (adding a line is not removing it). File
-    headers, hunk headers (whose line numbers shift as c* changes), context and "\\ No newline" are dropped."""
-    lines, in_hunk = [], False
-    for line in unified_diff.split("\n"):
-        if line.startswith("@@"):
-            in_hunk = True
-        elif in_hunk and line.startswith(("+", "-")):
-            lines.append(line)
-    return lines
 
 
 def levenshtein(a: Sequence[str], b: Sequence[str]) -> int:

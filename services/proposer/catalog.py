@@ -5,7 +5,7 @@ log-likelihood of its `text` given the prompt s_t, so every action must be a val
 code. Two families, in this order:
 
 - hyperparameter actions: every grid move (grid.py) of every constant at the top of train.py, plus depth
-  ±1 where the grid only halves or doubles it. The kind comes from the constant's name (KIND_BY_NAME):
+  ±1 where the grid only halves or doubles it. The kind comes from the constant's name (shared/edit_kinds.py):
   N_LAYER is "depth", LEARNING_RATE "lr-scale", ..., everything else "hyperparameter".
 - structural actions (STRUCTURAL): exact code transformations. Each is anchored on code fragments and
   is offered only when its anchors are there: an anchor is a fragment that must occur on exactly one
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from services.proposer.grid import Constant, Number, candidates, constants, move
 from shared.diffs import apply_ops, split_lines
+from shared.edit_kinds import constant_kind
 from shared.events import EditOp
 
 
@@ -96,16 +97,6 @@ def _compiles(code: str) -> bool:
 
 # --- hyperparameter actions --------------------------------------------------------------------------
 
-KIND_BY_NAME = (
-    (r"^(N_LAYERS?|NUM_LAYERS|DEPTH)$", "depth"),
-    (r"(^|_)LR$|LEARNING_RATE", "lr-scale"),
-    (r"WEIGHT_DECAY", "weight-decay"),
-    (r"GRAD_CLIP", "grad-clip"),
-    (r"WARMUP", "warmup"),
-    (r"WARMDOWN|COOLDOWN", "warmdown"),
-    (r"INIT", "init"),
-)
-"""The kind of a constant's moves: the first pattern (re.search) that matches its name; else "hyperparameter"."""
 
 _FACTOR_WORDS = {2.0: "double", 0.5: "halve", 4.0: "quadruple", 0.25: "quarter"}
 
@@ -113,7 +104,7 @@ _FACTOR_WORDS = {2.0: "double", 0.5: "halve", 4.0: "quadruple", 0.25: "quarter"}
 def _hyperparameter_actions(lines: list[str], found: list[Constant]) -> list[Action]:
     actions = []
     for constant in found:
-        kind = next((k for pattern, k in KIND_BY_NAME if re.search(pattern, constant.name)), "hyperparameter")
+        kind = constant_kind(constant.name)
         for value in _values(constant, kind):
             actions.append(_move(lines, constant, value, kind))
     return actions
