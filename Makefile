@@ -7,6 +7,9 @@ GPU ?=
 comma := ,
 EXTRAS := dev$(if $(GPU),$(comma)gpu)
 STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
+# The dashboard's browser tests run in Debian's chromium, installed once (as root, or through sudo).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: install up down test bench faults lint clean
 
@@ -24,7 +27,11 @@ up: $(STAMP)
 down: $(STAMP)
 	$(BIN)/autoresearch down
 
-test: $(STAMP)
+$(CHROMIUM):
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium || \
+	  ($(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
