@@ -310,7 +310,7 @@ def test_ppo_on_a_bandit_of_candidate_diffs_raises_the_rewarded_ones_probability
         return score(learner.policy, PROMPT, CANDIDATES).pi.tolist()
 
     before = pi()
-    for update in range(4):
+    for update in range(6):
         version = version_name(update - 1) if update else "base"
         steps = []
         for k in range(settings.batch_size):
@@ -321,7 +321,9 @@ def test_ppo_on_a_bandit_of_candidate_diffs_raises_the_rewarded_ones_probability
                                     logprob=math.log(probabilities[index])))
         learner.learn(steps, {}, version, moments, settings, update)
     after = pi()
-    assert after[rewarded] > before[rewarded] + 0.15, (before, after)  # measured: 0.33 -> 0.56
+    # Measured: 0.33 -> 0.70 (after 4 updates, 0.48; before a code change, 0.56). The default model's tokenizer is
+    # trained on this repository's code, so these figures move with every change to it: hence 6 updates, a margin.
+    assert after[rewarded] > before[rewarded] + 0.15, (before, after)
     assert all(after[i] < before[i] for i in range(len(CANDIDATES)) if i != rewarded)
 
 

@@ -97,7 +97,6 @@ def _compiles(code: str) -> bool:
 
 # --- hyperparameter actions --------------------------------------------------------------------------
 
-
 _FACTOR_WORDS = {2.0: "double", 0.5: "halve", 4.0: "quadruple", 0.25: "quarter"}
 
 
