@@ -47,11 +47,13 @@ TINY_MODEL = dict(N_LAYER=2, N_HEAD=2, N_EMBD=32, BATCH_SIZE=8)
 
 
 def make_target(folder: Path, corpus: Path | str, train_py: str | None = None, **config: object) -> Path:
-    """A target folder with a small frozen config; train.py defaults to the CPU target's, shrunk."""
+    """A target folder with a small frozen config; train.py defaults to the CPU target's, shrunk. One thread per run:
+    a tiny model gains nothing from a second, and a loop runs several processes on two cores (measured: the random
+    search loop of tests/test_loop.py, two slots, 55 s with two threads per run, 35 s with one)."""
     folder.mkdir(parents=True, exist_ok=True)
     settings = dict(
         time_budget_s=20, seq_len=32, corpus=str(corpus), tokenizer="byte", device="cpu", eval_tokens=4096,
-        eval_batch=8, startup_allowance_s=30, eval_allowance_s=60, progress_interval_s=0.1,
+        eval_batch=8, startup_allowance_s=30, eval_allowance_s=60, progress_interval_s=0.1, cpu_threads=1,
     ) | config
     args = ", ".join(f"{key}={value!r}" for key, value in settings.items())
     prepare = f"from shared.target import TargetConfig, session\nCONFIG = TargetConfig({args})\n"

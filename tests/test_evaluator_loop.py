@@ -25,8 +25,7 @@ CALIBRATION_RUNS = len(LEARNING_RATES) + 1
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> Path:
-    return make_target(tmp_path_factory.mktemp("evaluator_target"), small_corpus, progress_interval_s=0.02,
-                       cpu_threads=1)  # two runs at a time on two cores
+    return make_target(tmp_path_factory.mktemp("evaluator_target"), small_corpus, progress_interval_s=0.02)
 
 
 def _edit(parent: str, learning_rate: float) -> ProposalCreated:
