@@ -2,9 +2,10 @@
 
     autoresearch up                                          NATS + every service; Ctrl-C stops them
     autoresearch down | status                               stop the stack / where the loop stands
-    autoresearch tail 'run.>'                                print events as they are published
-    autoresearch sql "SELECT * FROM experiments"             read-only SQL on the ledger
+    autoresearch tail 'run.>' [--json]                       print events as they are published
+    autoresearch sql "SELECT * FROM experiments" [--csv | --json]   read-only SQL on the ledger
     autoresearch replay                                      rebuild the ledger's projections from its log
+    autoresearch report [--since 12h] [--out DIR]             the research run as one self-contained HTML file
     autoresearch evaluator record --runs 200                 record complete curves (no aborts) to a file
     autoresearch evaluator replay bench/data/curves_cpu_gpt.jsonl   abort decisions replayed, with baselines
     autoresearch target prepare targets/cpu_gpt              build the tokenized data (cached)
@@ -17,17 +18,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import csv
 import json
 import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import msgspec
 import nats
 
+from services.ledger import report
 from services.ledger.main import replay
 from services.ledger.sql import QueryResult
 from services.ledger.store import Ledger
@@ -35,6 +39,16 @@ from shared import queries, stack
 from shared.bus import Bus
 from shared.config import Config, ConfigError, load_config
 from shared.curves import CurvesRequest, read_curves, write_curves
+from shared.events import (
+    AnyEvent,
+    BadEvent,
+    PolicyUpdated,
+    ProposalCreated,
+    RunAborted,
+    RunFinished,
+    RunProgress,
+    decode,
+)
 from shared.target.config import TargetError, load_target
 from shared.target.data import DOWNLOADABLE, download, prepare
 from shared.target.records import Budget, Progress
@@ -121,35 +135,103 @@ def cmd_tail(args: argparse.Namespace) -> int:
     running = stack.running_stack(config)
     urls = running.nats_urls if running else config.nats.urls
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_tail(urls, args.subject))
+        asyncio.run(_tail(urls, args.subject, args.json))
     return 0
 
 
-async def _tail(urls: list[str], subject: str) -> None:
+async def _tail(urls: list[str], subject: str, raw: bool) -> None:
     nc = await nats.connect(servers=urls, name="cli/tail", max_reconnect_attempts=-1)
     subscription = await nc.subscribe(subject)
     print(f"tailing {subject} on {', '.join(urls)} (Ctrl-C stops)", file=sys.stderr)
     async for message in subscription.messages:
-        print(f"[{message.subject}] {message.data.decode('utf-8', errors='replace')}", flush=True)
+        print(message.data.decode("utf-8", errors="replace") if raw else describe(message.subject, message.data),
+              flush=True)
+
+
+def describe(subject_name: str, data: bytes) -> str:
+    """One aligned line for a message: time, kind, the run or proposal, and what matters for its kind."""
+    try:
+        event = decode(subject_name, data)
+    except BadEvent as error:
+        return f"{'--:--:--'}  {'malformed':<16} {subject_name}: {error}"
+    return f"{event.ts.astimezone():%H:%M:%S}  {_kind(event):<16} {_what(event)}"
+
+
+def _kind(event: AnyEvent) -> str:
+    return {ProposalCreated: "proposal", RunProgress: "progress", RunAborted: "ABORTED", RunFinished: "finished",
+            PolicyUpdated: "policy"}[type(event)]
+
+
+def _what(event: AnyEvent) -> str:
+    if isinstance(event, ProposalCreated):
+        rationale = event.parse_error or event.rationale or ""
+        return f"{event.proposal_id}  {event.policy} {event.policy_version} {event.purpose}: {_cut(rationale)}"
+    if isinstance(event, RunProgress):
+        loss = "-" if event.train_loss is None else f"{event.train_loss:.4f}"
+        return (f"{event.run_id}  {event.phase} step {event.step} loss {loss} "
+                f"{event.budget_used:.0%} of budget")
+    if isinstance(event, RunAborted):
+        forecast = "-" if event.forecast is None else f"{event.forecast:.4f}"
+        threshold = "-" if event.threshold is None else f"{event.threshold:.4f}"
+        return (f"{event.run_id}  at {event.at_train_s:.0f} s: forecast {forecast} vs threshold {threshold}; "
+                f"{_cut(event.commentary)}")
+    if isinstance(event, RunFinished):
+        result = event.result
+        bpb = "-" if result.val_bpb is None else f"{result.val_bpb:.4f}"
+        return (f"{event.run_id}  {result.status} val_bpb {bpb} after {result.training_s:.1f} s training"
+                + (f": {_cut(result.error)}" if result.error else ""))
+    stats = event.stats
+    return (f"{event.policy_version}  mean reward {stats.mean_reward:.3f} entropy {stats.entropy:.3f} "
+            f"approx KL {stats.approx_kl:.4f} clip {stats.clip_fraction:.2f}")
+
+
+def _cut(text: str, width: int = 100) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[:width - 1] + "…"
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
     sql = sys.stdin.read() if args.query == "-" else args.query
-    config = load_config()
-    running = stack.running_stack(config)
-    result = _sql_over_http(running.http_port, sql, config.ledger.http_token) if running else \
-        _offline_ledger(config).query(sql)
+    with _ledger_sql(load_config()) as query:
+        result = query(sql)
     if args.json:
         for row in result.rows:
             print(json.dumps(dict(zip(result.columns, row, strict=True)), default=str))
+    elif args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows(result.rows)
     else:
-        _print_table(result.columns, result.rows)
+        print(table(result.columns, result.rows))
     if result.truncated:
         print(f"(only the first {len(result.rows)} rows)", file=sys.stderr)
     return 0
 
 
-def _sql_over_http(port: int, sql: str, token: str) -> QueryResult:
+def cmd_report(args: argparse.Namespace) -> int:
+    since = report.parse_since(args.since) if args.since else None
+    with _ledger_sql(load_config()) as query:
+        path = report.write_report(query, Path(args.out), since)
+    print(f"report: {path} (charts as PNG beside it)")
+    return 0
+
+
+@contextlib.contextmanager
+def _ledger_sql(config: Config) -> Iterator[Callable[[str], QueryResult]]:
+    """Read-only SQL on the ledger: through the running stack's ledger API (the ledger holds the file), or on
+    the file itself when the stack is down."""
+    running = stack.running_stack(config)
+    if running:
+        yield lambda sql: sql_over_http(running.http_port, sql, config.ledger.http_token)
+        return
+    ledger = _offline_ledger(config)
+    try:
+        yield ledger.query
+    finally:
+        ledger.close()
+
+
+def sql_over_http(port: int, sql: str, token: str) -> QueryResult:
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
     request = urllib.request.Request(f"http://127.0.0.1:{port}/sql", data=json.dumps({"sql": sql}).encode(),
                                      headers=headers)
@@ -160,13 +242,26 @@ def _sql_over_http(port: int, sql: str, token: str) -> QueryResult:
         raise ValueError(json.loads(error.read()).get("detail", str(error))) from None
 
 
-def _print_table(columns: list[str], rows: list[list]) -> None:
-    cells = [columns] + [["NULL" if value is None else str(value) for value in row] for row in rows]
-    widths = [min(60, max(len(row[i]) for row in cells)) for i in range(len(columns))]
-    for index, row in enumerate(cells):
-        print("  ".join(value[:60].ljust(width) for value, width in zip(row, widths, strict=True)).rstrip())
-        if index == 0:
-            print("  ".join("-" * width for width in widths))
+def table(columns: list[str], rows: list[list], width: int = 48) -> str:
+    """psql's picture: aligned columns, numbers on the right, NULL said, long cells cut with an ellipsis."""
+    cells = [[_cell(value, width) for value in row] for row in rows]
+    widths = [max([len(name), *(len(row[i]) for row in cells)]) for i, name in enumerate(columns)]
+    numeric = [bool(rows) and all(isinstance(row[i], int | float) or row[i] is None for row in rows)
+               for i in range(len(columns))]
+    lines = [" | ".join(name.center(w) for name, w in zip(columns, widths, strict=True)),
+             "-+-".join("-" * w for w in widths)]
+    for row in cells:
+        lines.append(" | ".join(value.rjust(w) if right else value.ljust(w)
+                                for value, w, right in zip(row, widths, numeric, strict=True)).rstrip())
+    lines.append(f"({len(rows)} row{'' if len(rows) == 1 else 's'})")
+    return "\n".join(lines)
+
+
+def _cell(value: object, width: int) -> str:
+    if value is None:
+        return "NULL"
+    text = f"{value:.6g}" if isinstance(value, float) else " ".join(str(value).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -202,7 +297,7 @@ def cmd_evaluator_record(args: argparse.Namespace) -> int:
 
     def enough() -> bool:
         try:
-            done = _sql_over_http(config.ledger.http_port, OK_RUNS, config.ledger.http_token).rows[0][0]
+            done = sql_over_http(config.ledger.http_port, OK_RUNS, config.ledger.http_token).rows[0][0]
         except (OSError, ValueError):  # the ledger is starting
             return False
         print(f"record: {done}/{args.runs} complete runs", file=sys.stderr)
@@ -220,12 +315,12 @@ def cmd_evaluator_replay(args: argparse.Namespace) -> int:
     from services.evaluator.replay import replay as replay_decisions  # scipy: only this command needs it
 
     result = replay_decisions([read_curves(Path(path)) for path in args.curves], load_config().evaluator)
-    _print_table(["rule", "aborted", "mu_abort", "G", "false aborts [95%]", "would-be best", "ms/look p50/p99"],
-                 [[name, f"{r['aborted']}/{r['runs']}", r["mu_abort"], r["G"],
-                   f"{r['false_aborts']}/{r['good_runs']} = {r['false_abort_rate']:.1%} "
-                   f"[{r['false_abort_rate_95'][0]:.1%}, {r['false_abort_rate_95'][1]:.1%}]",
-                   r["aborted_would_be_best"], f"{r['decision_ms_median']}/{r['decision_ms_p99']}"]
-                  for name, r in result["rules"].items()])
+    print(table(["rule", "aborted", "mu_abort", "G", "false aborts [95%]", "would-be best", "ms/look p50/p99"],
+                [[name, f"{r['aborted']}/{r['runs']}", r["mu_abort"], r["G"],
+                  f"{r['false_aborts']}/{r['good_runs']} = {r['false_abort_rate']:.1%} "
+                  f"[{r['false_abort_rate_95'][0]:.1%}, {r['false_abort_rate_95'][1]:.1%}]",
+                  r["aborted_would_be_best"], f"{r['decision_ms_median']}/{r['decision_ms_p99']}"]
+                 for name, r in result["rules"].items()], width=60))
     print(f"\n{result['runs']} complete runs in {result['sequences']} recording(s), p_bad {result['p_bad']}; forecast: "
           + json.dumps(result["forecast"], ensure_ascii=False))
     if args.json:
@@ -242,13 +337,22 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("status", help="where the loop stands").set_defaults(handler=cmd_status)
     tail = commands.add_parser("tail", help="print events as they are published")
     tail.add_argument("subject", nargs="?", default=">", help="subject pattern, e.g. 'run.>' (default: all)")
+    tail.add_argument("--json", action="store_true", help="each message as it is on the wire")
     tail.set_defaults(handler=cmd_tail)
     sql = commands.add_parser("sql", help="read-only SQL on the ledger (tables: experiments, champions, ...)")
     sql.add_argument("query", help="one SELECT statement, or - to read it from stdin")
-    sql.add_argument("--json", action="store_true", help="one JSON object per row")
+    formats = sql.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help="one JSON object per row")
+    formats.add_argument("--csv", action="store_true", help="CSV with a header row")
     sql.set_defaults(handler=cmd_sql)
     commands.add_parser("replay", help="drop the ledger's projections and rebuild them from its event log"
                         ).set_defaults(handler=cmd_replay)
+    written = commands.add_parser("report", help="the research run as one self-contained HTML file, with its "
+                                                 "charts as PNG files beside it")
+    written.add_argument("--since", help="only experiments proposed since: a duration before now (12h, 90m, 2d) "
+                                         "or an ISO time (UTC unless it says otherwise)")
+    written.add_argument("--out", default="report", help="the folder to write into (default ./report)")
+    written.set_defaults(handler=cmd_report)
     evaluator = commands.add_parser("evaluator", help="record complete curves; replay abort decisions on them")
     evaluator_verbs = evaluator.add_subparsers(dest="verb", required=True)
     record = evaluator_verbs.add_parser("record", help="run the loop without aborts until N complete runs, "

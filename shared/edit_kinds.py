@@ -19,8 +19,10 @@ KIND_BY_NAME = (
     (r"INIT", "init"),
 )
 """The kind of a constant's moves: the first pattern (re.search) that matches its name; else "hyperparameter"."""
-REPEAT = "repeat"
-"""No change: the baseline and the noise and confirmation repeats of a code."""
+NO_CHANGE = "no change"
+"""An empty diff: a noise or confirmation repeat of a code, or a policy's answer that was not an edit."""
+BASELINE = "baseline"
+"""The first experiment: the human's train.py, whose diff from nothing is the whole file."""
 CODE = "code"
 _CONSTANT = re.compile(r"^[+-]([A-Z][A-Z0-9_]*)\s*(?::[^=]*)?=")
 
@@ -47,7 +49,7 @@ def edit_kind(unified_diff: str, action_text: str | None = None) -> str:
         return action_text.split(":", 1)[0].strip()
     changed = [line for line in changed_lines(unified_diff) if line[1:].strip()]
     if not changed:
-        return REPEAT
+        return NO_CHANGE
     names = [match[1] if (match := _CONSTANT.match(line)) else None for line in changed]
     if None in names:
         return CODE

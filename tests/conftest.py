@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import Browser, sync_playwright
 
 from bench.loop import TINY_MODEL, make_target, shrink, write_small_corpus  # noqa: F401 - for the tests
 
@@ -49,3 +52,22 @@ def nats_server(tmp_path: Path):
     server = EmbeddedServer(tmp_path / "nats").start()
     yield server
     server.stop()
+
+
+ARTIFACTS = REPO / "test-artifacts"
+"""Screenshots and reports the browser tests leave for a human to look at (not committed)."""
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+"""As root, no sandbox; without the background-networking flags Chromium keeps calling out of this offline box."""
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Browser]:
+    """Debian's chromium (make test installs it), headless, driven by Playwright (which downloads nothing). Not a
+    fixture: Playwright's sync API holds an event loop while it runs, so tests open it only where they need it."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

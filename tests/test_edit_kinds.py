@@ -8,7 +8,7 @@ from conftest import CPU_TARGET
 
 from services.proposer.catalog import catalog
 from shared.diffs import apply_ops, unified_diff
-from shared.edit_kinds import CODE, REPEAT, edit_kind
+from shared.edit_kinds import CODE, NO_CHANGE, edit_kind
 
 
 def test_a_diff_is_classified_as_the_catalogue_classifies_the_same_edit():
@@ -24,7 +24,7 @@ def test_a_diff_is_classified_as_the_catalogue_classifies_the_same_edit():
 
 def test_an_action_names_its_kind_and_no_change_is_a_repeat():
     assert edit_kind("", "qk-norm: normalise q and k\ninsert before 40\n+q = ...") == "qk-norm"
-    assert edit_kind("") == REPEAT
+    assert edit_kind("") == NO_CHANGE
     diff = "--- a/train.py\n+++ b/train.py\n@@ -3 +3 @@\n-BATCH_SIZE: int = 8\n+BATCH_SIZE: int = 16\n"
     assert edit_kind(diff) == "hyperparameter"
     assert edit_kind(diff + "@@ -9 +9 @@\n-x = F.gelu(x)\n+x = F.relu(x)\n") == CODE

@@ -23,9 +23,10 @@ import pytest
 import torch
 
 from bench.loop import REPO, Loop
-from services.learner.batches import reward_of, select, to_batch
+from services.learner.batches import select, to_batch
 from services.learner.main import version_name
 from services.learner.ppo import RunningMoments, gae
+from services.learner.rewards import reward_of
 from services.learner.update import Trainer, adapter_of, load_moments, save_version
 from services.ledger import transitions as ledger_transitions
 from services.ledger.store import Ledger

@@ -17,7 +17,7 @@ from services.ledger.projections import PROJECTION_TABLES
 from services.ledger.sql import QueryRefused
 from services.ledger.store import Ledger
 from shared.bus import Delivered
-from shared.config import ConfigError, load_config
+from shared.config import Config, ConfigError, load_config
 from shared.diffs import EMPTY_SHA256, code_sha256
 from shared.events import (
     EditOp,
@@ -672,7 +672,7 @@ def test_sql_time_limit(ledger: Ledger):
 
 def test_http_api(ledger: Ledger):
     ledger.append(Log().experiment("", BASELINE, val_bpb=1.25)[1])
-    client = TestClient(create_app(ledger))
+    client = TestClient(create_app(ledger, Config()))
     assert client.get("/health").json() == {"ok": True, "cursor": 5}
     state = client.get("/state").json()
     assert state["bpb_star"] == 1.25 and state["c_star_code"] == BASELINE and len(state["history"]) == 1
@@ -692,7 +692,7 @@ def test_http_api(ledger: Ledger):
 
 
 def test_a_token_guards_every_endpoint_but_health(ledger: Ledger):
-    client = TestClient(create_app(ledger, token="s3cret"))
+    client = TestClient(create_app(ledger, load_config(environ={"AUTORESEARCH_LEDGER_HTTP_TOKEN": "s3cret"})))
     assert client.get("/health").status_code == 200
     for wrong in ({}, {"Authorization": "Bearer guess"}, {"Authorization": "s3cret"}):
         assert client.get("/state", headers=wrong).status_code == 401

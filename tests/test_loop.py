@@ -4,6 +4,9 @@ deterministic budget mode; bad events and edits on the way. (kill -9 of each ser
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
+import json
 import math
 import subprocess
 import sys
@@ -151,14 +154,30 @@ def test_random_search_loop_end_to_end(nats_server, tiny: Path, tmp_path: Path):
 
     tables = ("experiments", "champions", "candidates", "code_blobs", "history")
     before = {table: loop.sql(f"SELECT * FROM {table} ORDER BY ALL") for table in tables}
-    assert cli_in(loop, "replay") == 0
+    cli_in(loop, "replay")
     assert {table: loop.sql(f"SELECT * FROM {table} ORDER BY ALL") for table in tables} == before
 
+    query = "SELECT proposal_id, status, val_bpb, error FROM experiments ORDER BY finished_seq"  # the CLI's formats
+    expected = loop.sql(query)
+    lines = cli_in(loop, "sql", query).splitlines()
+    assert lines[0].split() == ["proposal_id", "|", "status", "|", "val_bpb", "|", "error"]
+    assert lines[-1] == f"({len(expected)} rows)" and len(lines) == len(expected) + 3
+    assert "NULL" in lines[2 + expected.index(invalid_row := next(r for r in expected if r[2] is None))]
+    assert invalid_row[1] != "ok"
+    parsed = list(csv.reader(io.StringIO(cli_in(loop, "sql", query, "--csv"))))
+    assert parsed[0] == ["proposal_id", "status", "val_bpb", "error"] and len(parsed) == len(expected) + 1
+    assert [float(row[2]) for row in parsed[1:] if row[2]] == [row[2] for row in expected if row[2] is not None]
+    as_json = [json.loads(line) for line in cli_in(loop, "sql", query, "--json").splitlines()]
+    assert [tuple(row.values()) for row in as_json] == expected
+    cli_in(loop, "report", "--out", str(tmp_path / "report"))  # the ledger file, offline
+    assert "<h2>Kept edits</h2>" in (tmp_path / "report" / "report.html").read_text()
 
-def cli_in(loop: Loop, *argv: str) -> int:
+
+def cli_in(loop: Loop, *argv: str) -> str:
+    """What an `autoresearch` command prints, run with the loop's settings."""
     result = subprocess.run([sys.executable, "-m", "shared.cli", *argv], env=loop.env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    return result.returncode
+    return result.stdout
 
 
 def test_executor_obeys_run_aborted_within_a_second_and_aborts_a_diverged_loss(nats_server, tiny: Path,

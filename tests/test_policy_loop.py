@@ -14,13 +14,18 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import make_target
+from conftest import chromium, make_target
+from pages import PHONE, dashboard_page, open_report
 from test_loop import FINISHED, assert_every_event_once
 
 from bench.loop import Loop
+from services.ledger.report import write_report
+from services.ledger.store import Ledger
 from shared.bus import Bus
+from shared.cli import sql_over_http
 from shared.config import Proposer
 from shared.diffs import code_sha256
+from shared.edit_kinds import edit_kind
 from shared.events import ProposalCreated, new_id, now
 from shared.policy import lm
 
@@ -62,6 +67,8 @@ def test_the_rl_loop_proposes_learns_publishes_and_proposes_with_the_new_policy(
         asyncio.run(_publish(nats_server.url, not_an_edit))
         loop.wait_for(lambda: loop.count(FINISHED) >= 3 + SEARCH_STEPS, 300, "every experiment finished")
         assert all(loop.alive(name) for name in ("ledger", "executor", "evaluator", "learner", "proposer"))
+        live_report = write_report(lambda sql: sql_over_http(loop.http_port, sql, ""), tmp_path / "live-report")
+        dashboard = _dashboard(loop)
     finally:
         loop.stop()
 
@@ -93,3 +100,46 @@ def test_the_rl_loop_proposes_learns_publishes_and_proposes_with_the_new_policy(
     assert logprob == pytest.approx(float(lm.score(trained, prompt, json.loads(candidates)).log_pi[index]), abs=1e-4)
     base = lm.score(lm.load_policy(str(model), "cpu"), prompt, json.loads(candidates)).log_pi[index]
     assert logprob != pytest.approx(float(base), abs=1e-4)  # and not what the base model gives
+
+    ledger = Ledger(tmp_path / "ledger.duckdb", read_only=True)  # the report of this research run, from the file
+    try:
+        report = write_report(ledger.query, tmp_path / "report")
+        kept = ledger.query("SELECT count(*) FROM champions").rows[0][0]
+        kinds = {edit_kind("", json.loads(candidates)[index]) for _, _, _, candidates, index, *_ in rows}
+    finally:
+        ledger.close()
+    assert _section(report, "Kept edits") == _section(live_report, "Kept edits")  # through the ledger's /sql too
+    with chromium() as browser:
+        seen = open_report(browser, report, "rl-loop")
+    assert seen["errors"] == [] and seen["outside"] == [] and not seen["overflow"]
+    assert len(seen["charts"]) == 2 and min(seen["charts"]) > 10  # best so far, and the policy's learning curves
+    assert seen["tables"][0] == kept >= 1 and seen["tables"][1] >= 1
+    assert all(f"<td>{kind}</td>" in report.read_text() for kind in kinds)  # discoveries by the actions' kinds
+    finished, updates = loop.sql(f"{FINISHED}")[0][0], loop.sql("SELECT count(*) FROM policy_updates")[0][0]
+    assert all(seen["errors"] == [] and seen["outside"] == [] for seen in dashboard.values()), dashboard
+    overview = dashboard["overview"]
+    assert len(overview["charts"]) == 2 and min(overview["charts"]) > finished  # a mark per experiment, and c*
+    assert overview["tables"] == [kept, finished]  # the lineage, the latest experiments
+    assert not dashboard["overview-phone"]["overflow"]
+    run = dashboard["run"]["text"]  # an lm-score step: its reward and the terms it is the sum of
+    assert all(term in run for term in ("total", "improvement", "novelty", "penalty", "lm-score base"))
+    policy = dashboard["policy"]
+    assert len(policy["charts"]) == 5 and min(policy["charts"]) >= 2 * updates and policy["tables"][-1] == updates
+    for chart in ("progress.png", "policy.png"):
+        assert (report.parent / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _dashboard(loop: Loop) -> dict[str, dict]:
+    """The dashboard's pages as drawn in Chromium while the loop's ledger serves them."""
+    base = f"http://127.0.0.1:{loop.http_port}"
+    (step,), = loop.live_sql("SELECT proposal_id FROM experiments WHERE policy = 'lm-score' AND status = 'ok' "
+                             "ORDER BY finished_seq LIMIT 1")
+    with chromium() as browser:
+        seen = {name: dashboard_page(browser, base + path, name)
+                for name, path in (("overview", "/"), ("run", f"/runs/{step}"), ("policy", "/policy"))}
+        seen["overview-phone"] = dashboard_page(browser, base + "/", "overview-phone", PHONE)
+    return seen
+
+
+def _section(report: Path, heading: str) -> str:
+    return report.read_text().split(f"<h2>{heading}</h2>")[1].split("<h2>")[0]

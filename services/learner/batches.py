@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from services.learner.ppo import Batch, RunningMoments, make_batch
-from services.learner.rewards import Context, Outcome, Reward, reward
+from services.learner.rewards import reward_of
 from shared.config import Learner
 from shared.queries import Transition
 
@@ -29,14 +29,6 @@ from shared.queries import Transition
 def select(pending: Sequence[Transition], size: int) -> list[Transition]:
     """The next batch: the first `size` pending transitions in the order they finished, sorted into proposal order."""
     return sorted(pending[:size], key=lambda transition: transition.proposal_seq)
-
-
-def reward_of(transition: Transition, settings: Learner) -> Reward:
-    """r_t with its terms (rewards.py), from what the ledger held when the experiment finished."""
-    outcome = Outcome(transition.status, transition.val_bpb, transition.tokens, transition.training_s,
-                      transition.unified_diff)
-    context = Context(transition.bpb_star, transition.throughput, transition.history, transition.file_lines)
-    return reward(outcome, context, settings)
 
 
 def padded(rows: Sequence[Tensor], width: int) -> Tensor:

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 from shared.config import Learner
 from shared.edit_kinds import changed_lines
+from shared.queries import Transition
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,14 @@ class Reward:
     @property
     def total(self) -> float:
         return self.improvement + self.efficiency + self.novelty + self.penalty
+
+
+def reward_of(transition: Transition, settings: Learner) -> Reward:
+    """r_t with its terms, from what the ledger held when the experiment finished."""
+    outcome = Outcome(transition.status, transition.val_bpb, transition.tokens, transition.training_s,
+                      transition.unified_diff)
+    context = Context(transition.bpb_star, transition.throughput, transition.history, transition.file_lines)
+    return reward(outcome, context, settings)
 
 
 def reward(outcome: Outcome, context: Context, settings: Learner) -> Reward:

@@ -26,7 +26,6 @@ from services.ledger.store import Ledger
 from shared import queries
 from shared.bus import LEDGER_CONSUMER, UNAVAILABLE, Bus, Delivered, ack_after
 from shared.config import Config
-from shared.config import Ledger as LedgerSettings
 from shared.curves import CurvesReply, CurvesRequest
 from shared.service import instance_id, run_service
 
@@ -115,9 +114,10 @@ def replay(ledger: Ledger) -> queries.ReplayReply:
     return queries.ReplayReply(seconds=round(time.perf_counter() - started, 3), rows=rows)
 
 
-async def serve_http(ledger: Ledger, settings: LedgerSettings, stop: asyncio.Event) -> None:
+async def serve_http(ledger: Ledger, config: Config, stop: asyncio.Event) -> None:
+    settings = config.ledger
     address = f"{settings.http_host}:{settings.http_port}"
-    server = uvicorn.Server(uvicorn.Config(create_app(ledger, settings.http_token), host=settings.http_host,
+    server = uvicorn.Server(uvicorn.Config(create_app(ledger, config), host=settings.http_host,
                                            port=settings.http_port, log_level="warning"))
     task = asyncio.create_task(server.serve())
     await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
@@ -140,7 +140,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     log.info("ledger %s at stream seq %d; SQL on http://%s:%d/sql%s", config.ledger_path, ledger.cursor,
              config.ledger.http_host, config.ledger.http_port, " (token required)" if config.ledger.http_token else "")
     ingest = asyncio.create_task(service.ingest(stop))
-    http = asyncio.create_task(serve_http(ledger, config.ledger, stop))
+    http = asyncio.create_task(serve_http(ledger, config, stop))
     await asyncio.wait([ingest, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     try:

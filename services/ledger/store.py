@@ -28,7 +28,7 @@ from services.ledger.curves import read_curves
 from services.ledger.gate import sigma
 from services.ledger.projections import DEFAULT_RECENT, DEFAULT_TOP, KIND, insert_rows, utc_naive
 from services.ledger.sql import QueryResult
-from services.ledger.transitions import read_transitions
+from services.ledger.transitions import read_transition, read_transitions
 from shared.bus import Delivered
 from shared.config import Ledger as Settings
 from shared.curves import Curve, CurvesRequest
@@ -43,7 +43,7 @@ from shared.events import (
     RunProgress,
     decode,
 )
-from shared.queries import Candidate, HistoryEntry, LedgerState, TransitionsReply, TransitionsRequest
+from shared.queries import Candidate, HistoryEntry, LedgerState, Transition, TransitionsReply, TransitionsRequest
 
 SCHEMA = [
     """CREATE TABLE IF NOT EXISTS events (
@@ -240,6 +240,12 @@ class Ledger:
         """The learner's pending PPO transitions, one page, with the counts and the published versions."""
         with self._snapshot() as con:
             return read_transitions(con, request)
+
+    def transition(self, proposal_id: str) -> Transition | None:
+        """One experiment as the learner sees it (with the context its reward is measured in), if it is a step
+        of a language-model policy."""
+        with self._snapshot() as con:
+            return read_transition(con, proposal_id)
 
     def finished(self, proposal_id: str) -> bool:
         """Whether a run.finished exists for this proposal (a redelivered proposal must not run again)."""

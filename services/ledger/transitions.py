@@ -27,25 +27,27 @@ LM_ACTION = """p.purpose = 'search' AND p.prompt IS NOT NULL AND p.logprob IS NO
     AND (p.candidates IS NOT NULL AND p.action_index IS NOT NULL OR p.completion_token_ids IS NOT NULL)"""
 """A proposal that is an action of a language-model policy, whose log π the learner can recompute."""
 
-PENDING = f"""
-WITH consumed AS (
-    SELECT DISTINCT unnest(from_json(proposals, '["VARCHAR"]')) AS proposal_id FROM policy_updates
-), actions AS (
+TRANSITIONS = f"""
+WITH actions AS (
     SELECT p.proposal_id, p.prompt, p.candidates, p.action_index, p.completion_token_ids, p.parse_error
     FROM proposals p WHERE {LM_ACTION}
 ), finished AS (  -- bpb* before each run finished: the verdict of the run finished just before it
     SELECT proposal_id, lag(bpb_star) OVER (ORDER BY finished_seq) AS bpb_before
     FROM experiments WHERE finished_seq IS NOT NULL
-), pending AS (
+), transitions AS (
     SELECT e.proposal_id, e.proposal_seq, e.finished_seq, e.policy, e.policy_version, a.prompt, a.candidates,
            a.action_index, a.completion_token_ids, a.parse_error, e.logprob,
            e.unified_diff, e.status, e.val_bpb, coalesce(e.tokens, 0) AS tokens,
            coalesce(e.training_s, 0.0) AS training_s, f.bpb_before AS bpb_star, e.parent_code_sha256
     FROM actions a JOIN experiments e USING (proposal_id) JOIN finished f USING (proposal_id)
-    WHERE a.proposal_id NOT IN (FROM consumed)
 )"""
+"""Every finished experiment that is a transition, learned from or not."""
+PENDING = f"""{TRANSITIONS}, consumed AS (
+    SELECT DISTINCT unnest(from_json(proposals, '["VARCHAR"]')) AS proposal_id FROM policy_updates
+), pending AS (SELECT * FROM transitions WHERE proposal_id NOT IN (FROM consumed))"""
 COUNT_SQL = f"{PENDING} SELECT count(*) FROM pending"
 PAGE_SQL = f"{PENDING} SELECT * FROM pending WHERE finished_seq > $1 ORDER BY finished_seq LIMIT $2"
+ONE_SQL = f"{TRANSITIONS} SELECT * FROM transitions WHERE proposal_id = $1"
 LM_PROPOSALS_SQL = f"SELECT count(*) FROM proposals p WHERE {LM_ACTION}"
 POLICIES_SQL = "SELECT policy_version, adapter_name, adapter_sha256, update_index FROM policy_updates ORDER BY seq"
 
@@ -83,6 +85,14 @@ def read_transitions(con: duckdb.DuckDBPyConnection, request: TransitionsRequest
         transitions=page,
         policies=[PublishedPolicy(policy_version=version, adapter_name=name, adapter_sha256=sha, update_index=index)
                   for version, name, sha, index in con.execute(POLICIES_SQL).fetchall()])
+
+
+def read_transition(con: duckdb.DuckDBPyConnection, proposal_id: str) -> Transition | None:
+    """The transition an experiment was (or will be) for the learner: None if it is not one, or not finished."""
+    rows = con.execute(ONE_SQL, [proposal_id])
+    names = [column[0] for column in rows.description]
+    found = rows.fetchone()
+    return None if found is None else _transition(con, dict(zip(names, found, strict=True)))
 
 
 def _transition(con: duckdb.DuckDBPyConnection, row: dict) -> Transition:
