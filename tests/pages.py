@@ -67,3 +67,33 @@ def dashboard_page(browser: Browser, url: str, name: str, viewport: dict[str, in
     seen.screenshot("dashboard", name)
     seen.page.close()
     return drawn | {"errors": seen.errors, "outside": seen.outside}
+
+
+def watch_live_run(browser: Browser, base: str, run_id: str, name: str) -> dict[str, Any]:
+    """The live page until the run's card is there and its loss curve has grown by a server-sent update."""
+    seen = visit(browser, f"{base}/live")
+    curve = f'[data-run="{run_id}"] path.curve'
+    seen.page.wait_for_selector(curve, timeout=30_000)
+    before = int(seen.page.get_attribute(curve, "data-points") or 0)
+    seen.page.wait_for_function(f"document.querySelector('{curve}').dataset.points > {before}", timeout=30_000)
+    after = int(seen.page.get_attribute(curve, "data-points") or 0)
+    seen.screenshot("dashboard", name)
+    seen.page.close()
+    return {"before": before, "after": after, "errors": seen.errors, "outside": seen.outside}
+
+
+def live_card(browser: Browser, base: str, run_id: str, name: str) -> dict[str, Any]:
+    """A run's card on the live page: its curve, the evaluator's forecasts, threshold and abort mark."""
+    seen = visit(browser, f"{base}/live")
+    card = f'[data-run="{run_id}"]'
+    seen.page.wait_for_selector(f"{card} svg", timeout=30_000)
+    drawn = seen.page.evaluate(f"""() => {{
+        const card = document.querySelector('{card}');
+        const count = (selector) => card.querySelectorAll(selector).length;
+        return {{curve: count('path.curve'), forecasts: count('circle.forecast'), band: count('polygon.band'),
+                 interval: count('line.interval'), threshold: count('line.threshold'), abort: count('line.abort-mark'),
+                 text: card.innerText}};
+    }}""")
+    seen.screenshot("dashboard", name)
+    seen.page.close()
+    return drawn | {"errors": seen.errors, "outside": seen.outside}

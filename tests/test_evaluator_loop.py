@@ -7,7 +7,8 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from conftest import make_target
+from conftest import chromium, make_target
+from pages import live_card
 
 from bench.loop import Loop
 from services.ledger.store import Ledger
@@ -61,6 +62,8 @@ def test_a_bad_edit_is_aborted_and_the_ledger_says_why(nats_server, tiny: Path, 
         asyncio.run(_publish(nats_server.url, bad))
         finished = f"SELECT count(*) FROM experiments WHERE proposal_id = '{bad.proposal_id}' AND finished_seq > 0"
         loop.wait_for(lambda: loop.count(finished) == 1, 180, "the bad edit to finish")
+        with chromium() as browser:  # the dashboard's live page keeps an ended run a minute
+            card = live_card(browser, f"http://127.0.0.1:{loop.http_port}", f"{bad.proposal_id}-1", "live-abort")
     finally:
         loop.stop()
 
@@ -73,6 +76,8 @@ def test_a_bad_edit_is_aborted_and_the_ledger_says_why(nats_server, tiny: Path, 
     assert forecast > threshold and statistic >= boundary
     assert loop.sql("SELECT count(*) FROM experiments WHERE status = 'aborted'") == [(1,)]  # the good ones ran
     assert "aborted" in loop.log("evaluator")
+    assert card["errors"] == card["outside"] == [] and card["curve"] == card["abort"] == card["threshold"] == 1
+    assert card["forecasts"] == card["interval"] == 1 and "aborted: " + commentary[:20] in card["text"]  # its forecast
 
     ledger = Ledger(tmp_path / "ledger.duckdb", read_only=True)
     curves = ledger.curves(CurvesRequest(complete_only=False))

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_target
+from conftest import chromium, make_target
+from pages import watch_live_run
 
 from bench.loop import Loop
 from services.ledger.store import Ledger
@@ -199,6 +200,8 @@ def test_executor_obeys_run_aborted_within_a_second_and_aborts_a_diverged_loss(n
         loop.wait_for(lambda: loop.count(TRAINING) >= 1, 180, "the long run in training")
         assert asyncio.run(_running(nats_server.url, "long-run")) == "long-run-1"  # what a redelivery asks first
         assert asyncio.run(_running(nats_server.url, "diverging")) is None  # queued: no executor answers
+        with chromium() as browser:  # the dashboard's live page while the run trains
+            live = watch_live_run(browser, f"http://127.0.0.1:{loop.http_port}", "long-run-1", "live-run")
         aborted_at = asyncio.run(_abort(nats_server.url, "long-run-1"))
         loop.wait_for(lambda: loop.count(FINISHED) >= 2, 300, "both runs to end")
     finally:
@@ -207,6 +210,7 @@ def test_executor_obeys_run_aborted_within_a_second_and_aborts_a_diverged_loss(n
                                              "WHERE proposal_id = 'long-run'")
     assert status == "aborted" and "forecast 9.9" in error
     assert (datetime.fromisoformat(finished_at) - aborted_at).total_seconds() < 1.5
+    assert live["errors"] == live["outside"] == [] and live["after"] > live["before"] >= 1
     (status, error), = loop.sql("SELECT status, error FROM experiments WHERE proposal_id = 'diverging'")
     assert status == "aborted" and ("non-finite" in error or "exploded" in error), error
 

@@ -267,7 +267,7 @@ class LiveForecasts:
         for point in points[len(live.used):]:  # only the points not seen on an earlier tick
             live.add(point["used"], point["loss"], bool(point["nonfinite"]))
         threshold, note = None, "no forecast before the first look"
-        if (look := evaluator.due_look(live)) is not None and run["status"] is None:
+        if run["status"] is None and (look := evaluator.due_look(live)) is not None:  # ended: its verdict is known
             verdict = evaluator.judge(live, look, bpb_star, sigma_h)
             note, threshold = verdict.commentary, verdict.threshold
             if verdict.prediction is not None:

@@ -25,11 +25,12 @@ const signed = (value) => (value === null || value === undefined ? "-" : (value 
 
 // --- one chart: scatter marks, lines, bands and vertical markers on linear axes ------------------------------
 
-function chart({ title, xLabel, series = [], bands = [], marks = [], rules = [], width = 560, height = 260 }) {
+function chart({ title, xLabel, series = [], bands = [], intervals = [], marks = [], rules = [], width = 560, height = 260 }) {
   const pad = { left: 52, right: 12, top: 10, bottom: 34 };
   const xs = [], ys = [];
   for (const s of series) for (const [x, y] of s.points) { xs.push(x); ys.push(y); }
   for (const b of bands) for (const [x, lo, hi] of b.points) { xs.push(x); ys.push(lo, hi); }
+  for (const i of intervals) { xs.push(i.x); ys.push(i.low, i.high); }
   for (const m of marks) xs.push(m.x);
   for (const r of rules) ys.push(r.y);
   const svg = el("svg:svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": title });
@@ -63,6 +64,9 @@ function chart({ title, xLabel, series = [], bands = [], marks = [], rules = [],
   }
   for (const r of rules) {
     svg.append(el("svg:line", { x1: pad.left, x2: width - pad.right, y1: Y(r.y), y2: Y(r.y), class: r.cls }));
+  }
+  for (const i of intervals) {
+    svg.append(el("svg:line", { x1: X(i.x), x2: X(i.x), y1: Y(i.low), y2: Y(i.high), class: "interval" }));
   }
   for (const s of series) {
     if (s.kind === "dots") {
@@ -148,15 +152,19 @@ async function overview(main) {
 function liveCard(run) {
   const series = [{ kind: "line", cls: "curve", name: "train loss", points: run.points }];
   const bands = run.forecasts.length ? [{ points: run.forecasts.map((f) => [f.used, f.low, f.high]) }] : [];
-  const forecastDots = { kind: "dots", cls: "forecast", name: "forecast final val-bpb", points: run.forecasts.map((f) => [f.used, f.mean]) };
+  const abort = run.abort;
+  const atAbort = abort && abort.forecast !== null ? [{ used: abort.used, mean: abort.forecast, low: abort.forecast_low, high: abort.forecast_high }] : [];
+  const forecastDots = { kind: "dots", cls: "forecast", name: "forecast final val-bpb",
+                         points: [...run.forecasts, ...atAbort].map((f) => [f.used, f.mean]) };
+  const intervals = atAbort.map((f) => ({ x: f.used, low: f.low, high: f.high }));
   const rules = run.threshold === null ? [] : [{ y: run.threshold, cls: "threshold" }];
-  const marks = run.abort ? [{ x: run.abort.used, cls: "abort-mark", title: run.abort.commentary }] : [];
+  const marks = abort ? [{ x: abort.used, cls: "abort-mark", title: abort.commentary }] : [];
   const last = run.forecasts.at(-1);
   return el("div", { class: "card", "data-run": run.run_id },
     el("b", {}, runLink(run.proposal_id), ` ${run.run_id.split("-").at(-1) !== "1" ? "(delivery " + run.run_id.split("-").at(-1) + ")" : ""}`),
     el("p", {}, run.rationale || ""),
     chart({ title: `${run.status}: step ${run.step}, ${(100 * run.used).toFixed(0)}% of budget`, xLabel: "budget used",
-            series: [...series, forecastDots], bands, marks, rules, height: 220 }),
+            series: [...series, forecastDots], bands, intervals, marks, rules, height: 220 }),
     el("p", {}, run.abort ? `aborted: ${run.abort.commentary}`
       : last ? `forecast ${fmt(last.mean)} [${fmt(last.low)}, ${fmt(last.high)}] (90%); ${last.verdict}` : run.note));
 }
@@ -165,7 +173,7 @@ function live(main) {
   const cards = el("div", { class: "cards", id: "live-runs" });
   const note = el("p", { class: "empty" }, "connecting…");
   main.replaceChildren(el("h2", {}, "Runs in flight"), note, cards,
-    el("p", {}, "Loss curves against the fraction of the budget used; dots and band: the evaluator's forecast of the final val-bpb and its 90% interval at each look; dashed: the threshold τ; red: where the evaluator aborted."));
+    el("p", {}, "Loss curves against the fraction of the budget used; blue dots and band: the evaluator's forecast of the final val-bpb and its 90% interval at each look (for an aborted run, the one it aborted on); dashed: the threshold τ; red: where the evaluator aborted. A run stays here a minute after it ends."));
   const source = new EventSource("/api/live/stream");
   source.onmessage = (message) => {
     const runs = JSON.parse(message.data).runs;
