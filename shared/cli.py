@@ -25,13 +25,14 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
 import msgspec
 import nats
+from nats.aio.msg import Msg
 
-from services.ledger import report
 from services.ledger.main import replay
 from services.ledger.sql import QueryResult
 from services.ledger.store import Ledger
@@ -105,20 +106,68 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     config = load_config()
     running = stack.running_stack(config)
-    if running is None:
-        print(f"stack: down; ledger file {config.ledger_path}")
-        state = _offline_ledger(config).state()
+    urls = running.nats_urls if running else config.nats.urls
+    answers = asyncio.run(_statuses(urls))
+    where = f"up (pid {running.pid})" if running else "not started here"
+    print(f"stack: {where}; NATS {', '.join(urls)}" + ("" if answers is not None else " (unreachable)"))
+    print(services_table(answers or [], datetime.now(UTC)))
+    ledger_up = any(answer.service == "ledger" for answer in answers or [])
+    if ledger_up:
+        state = asyncio.run(_ask(urls, queries.STATE, queries.StateRequest(), queries.LedgerState, 10))
+    elif config.ledger_path.is_file():
+        with contextlib.closing(_offline_ledger(config)) as ledger:
+            state = ledger.state()
     else:
-        print(f"stack: up (pid {running.pid}), NATS {', '.join(running.nats_urls)}")
-        state = asyncio.run(_ask(running.nats_urls, queries.STATE, queries.StateRequest(), queries.LedgerState, 10))
+        print(f"no ledger answers and none at {config.ledger_path}")
+        return 0
     best = "-" if state.bpb_star is None else f"{state.bpb_star:.4f} (c* {state.c_star_sha256[:12]})"
     sigma = "-" if state.sigma_h is None else f"{state.sigma_h:.4f}"
     print(f"experiments: {state.experiments} proposed, {state.finished} finished, {state.outstanding} outstanding")
     print(f"best val-bpb: {best}; sigma_h {sigma}; {state.since_best} finished since the last new best")
     noise = "unknown yet" if state.sigma_noise is None else f"{state.sigma_noise:.4f} ({state.noise_dof} dof)"
     print(f"noise floor sigma_noise {noise}; {len(state.candidates)} unconfirmed best(s) awaiting confirmation")
+    policy = state.policy_version or "the base model (no PPO update yet)"
+    print(f"aborted by the evaluator: {state.aborted}; policy: {policy}, {state.policy_updates} update(s)")
     print(f"ledger at stream seq {state.cursor}")
     return 0
+
+
+STATUS_WAIT_S = 1.0
+"""How long `status` listens for the services' answers."""
+
+
+async def _statuses(urls: list[str]) -> list[queries.ServiceStatus] | None:
+    """Every live service's answer to one question (None: NATS is not there)."""
+    try:
+        nc = await nats.connect(servers=urls, name="cli/status", connect_timeout=2, allow_reconnect=False)
+    except (OSError, nats.errors.Error):
+        return None
+    answers: list[queries.ServiceStatus] = []
+
+    async def collect(message: Msg) -> None:
+        with contextlib.suppress(msgspec.DecodeError):
+            answers.append(msgspec.json.decode(message.data, type=queries.ServiceStatus))
+
+    inbox = nc.new_inbox()
+    await nc.subscribe(inbox, cb=collect)
+    await nc.publish(queries.STATUS, b"{}", reply=inbox)
+    await asyncio.sleep(STATUS_WAIT_S)
+    await nc.close()
+    return answers
+
+
+def services_table(answers: list[queries.ServiceStatus], now: datetime) -> str:
+    """One row per live instance, and one per service that no instance answers for (down)."""
+    rows = [[a.service, a.instance, a.version, _for(now - a.started_at), "-" if a.lag is None else a.lag, a.detail]
+            for a in sorted(answers, key=lambda a: (stack.SERVICES.index(a.service)
+                                                    if a.service in stack.SERVICES else 99, a.instance))]
+    rows += [[name, "DOWN", "-", "-", "-", ""] for name in stack.SERVICES if all(a.service != name for a in answers)]
+    return table(["service", "instance", "version", "up for", "lag", "detail"], rows, footer=False)
+
+
+def _for(span: timedelta) -> str:
+    minutes = int(span.total_seconds() // 60)
+    return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m {int(span.seconds % 60):02d}s"
 
 
 async def _ask(urls: list[str], subject: str, request: msgspec.Struct, reply: type[T], timeout: float) -> T:
@@ -209,6 +258,8 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from services.ledger import report  # matplotlib: only this command needs it
+
     since = report.parse_since(args.since) if args.since else None
     with _ledger_sql(load_config()) as query:
         path = report.write_report(query, Path(args.out), since)
@@ -242,7 +293,7 @@ def sql_over_http(port: int, sql: str, token: str) -> QueryResult:
         raise ValueError(json.loads(error.read()).get("detail", str(error))) from None
 
 
-def table(columns: list[str], rows: list[list], width: int = 48) -> str:
+def table(columns: list[str], rows: list[list], width: int = 48, footer: bool = True) -> str:
     """psql's picture: aligned columns, numbers on the right, NULL said, long cells cut with an ellipsis."""
     cells = [[_cell(value, width) for value in row] for row in rows]
     widths = [max([len(name), *(len(row[i]) for row in cells)]) for i, name in enumerate(columns)]
@@ -253,7 +304,8 @@ def table(columns: list[str], rows: list[list], width: int = 48) -> str:
     for row in cells:
         lines.append(" | ".join(value.rjust(w) if right else value.ljust(w)
                                 for value, w, right in zip(row, widths, numeric, strict=True)).rstrip())
-    lines.append(f"({len(rows)} row{'' if len(rows) == 1 else 's'})")
+    if footer:
+        lines.append(f"({len(rows)} row{'' if len(rows) == 1 else 's'})")
     return "\n".join(lines)
 
 

@@ -30,6 +30,8 @@ CURVES = "ledger.curves"
 """Training curves of finished runs (shared/curves.py): what the evaluator calibrates on."""
 TRANSITIONS = "ledger.transitions"
 """The learner's PPO transitions not learned from yet, and the policy versions published so far."""
+STATUS = "service.status"
+"""Every live service answers: what `autoresearch status` shows of it (ServiceStatus)."""
 RUNNING = "executor.running"
 """Which run of a proposal is alive on some executor: asked before running a redelivered proposal, whose
 first delivery may still be running (a NATS failover can redeliver a proposal under a live run)."""
@@ -97,6 +99,11 @@ class LedgerState(msgspec.Struct, frozen=True, kw_only=True):
     """Noise repeats proposed so far."""
     candidates: list[Candidate] = []
     """Unconfirmed bests waiting for their confirmation, oldest first."""
+    aborted: int = 0
+    """Experiments the evaluator aborted."""
+    policy_version: str | None = None
+    """The newest adapter the learner published (None: the base policy, no PPO update yet)."""
+    policy_updates: int = 0
 
 
 class CodeRequest(msgspec.Struct, frozen=True):
@@ -115,6 +122,18 @@ class FinishedRequest(msgspec.Struct, frozen=True):
 
 class FinishedReply(msgspec.Struct, frozen=True):
     finished: bool
+
+
+class ServiceStatus(msgspec.Struct, frozen=True, kw_only=True):
+    service: str
+    instance: str
+    version: str
+    """The package version and, in a git checkout, its commit."""
+    started_at: datetime
+    lag: int | None
+    """Work waiting for this service: stream events the ledger has not committed; proposals queued for the
+    executors. None where nothing waits on it in that sense."""
+    detail: str = ""
 
 
 class RunningRequest(msgspec.Struct, frozen=True):

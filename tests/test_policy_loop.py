@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import chromium, make_target
 from pages import PHONE, dashboard_page, open_report
-from test_loop import FINISHED, assert_every_event_once
+from test_loop import FINISHED, assert_every_event_once, cli_in
 
 from bench.loop import Loop
 from services.ledger.report import write_report
@@ -28,6 +28,7 @@ from shared.diffs import code_sha256
 from shared.edit_kinds import edit_kind
 from shared.events import ProposalCreated, new_id, now
 from shared.policy import lm
+from shared.stack import SERVICES
 
 SEARCH_STEPS = 2
 """lm-score steps after the baseline: one PPO batch."""
@@ -69,6 +70,9 @@ def test_the_rl_loop_proposes_learns_publishes_and_proposes_with_the_new_policy(
         assert all(loop.alive(name) for name in ("ledger", "executor", "evaluator", "learner", "proposer"))
         live_report = write_report(lambda sql: sql_over_http(loop.http_port, sql, ""), tmp_path / "live-report")
         dashboard = _dashboard(loop)
+        screen = cli_in(loop, "status")
+        loop.kill("learner")
+        learner_down = cli_in(loop, "status")
     finally:
         loop.stop()
 
@@ -125,6 +129,12 @@ def test_the_rl_loop_proposes_learns_publishes_and_proposes_with_the_new_policy(
     assert all(term in run for term in ("total", "improvement", "novelty", "penalty", "lm-score base"))
     policy = dashboard["policy"]
     assert len(policy["charts"]) == 5 and min(policy["charts"]) >= 2 * updates and policy["tables"][-1] == updates
+    services = {line.split()[0]: line for line in screen.splitlines()[3:8]}  # `autoresearch status`: one screen
+    assert sorted(services) == sorted(SERVICES) and all(" 0.1.0" in line for line in services.values())
+    assert "committed up to stream seq" in services["ledger"] and "slots busy" in services["executor"]
+    assert f"policy: v0001, {updates} update(s)" in screen and "aborted by the evaluator: " in screen
+    assert [line.split()[:3] for line in learner_down.splitlines() if line.startswith("learner")] == \
+        [["learner", "|", "DOWN"]]
     for chart in ("progress.png", "policy.png"):
         assert (report.parent / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -34,7 +34,7 @@ from shared.events import (
     new_id,
     now,
 )
-from shared.service import instance_id, run_service
+from shared.service import answer_status, instance_id, run_service
 from shared.target.config import load_target
 
 log = logging.getLogger("evaluator")
@@ -131,6 +131,11 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         log.info("warm-up: %d/%d complete runs to calibrate on; no run is aborted until then",
                  evaluator.calibration_runs, settings.warmup_runs)
     service = EvaluatorService(bus, evaluator, producer)
+
+    async def detail() -> tuple[None, str]:
+        return None, f"calibrated on {evaluator.calibration_runs} complete runs, following {len(service.runs)}"
+
+    await answer_status(bus, "evaluator", producer, detail)
     window_s = target.config.wall_limit_s(config.executor.budget_unit)
     last_seq = await bus.last_seq()
     subscription = await bus.js.subscribe(

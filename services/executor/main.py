@@ -39,6 +39,7 @@ from shared.config import Config
 from shared.diffs import EMPTY_SHA256, InvalidDiff, apply_ops
 from shared.events import (
     RUN_ABORTED,
+    STREAM,
     BadEvent,
     ProposalCreated,
     RunAborted,
@@ -49,7 +50,7 @@ from shared.events import (
     now,
     run_subject,
 )
-from shared.service import instance_id, run_service
+from shared.service import answer_status, instance_id, run_service
 from shared.target.config import Target, load_target
 from shared.target.data import prepare
 from shared.target.limits import Limits
@@ -328,6 +329,12 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     first = config.executor.first_slot
     await bus.nc.subscribe(ABANDONED, cb=executor.on_abandoned)
     await bus.nc.subscribe(queries.RUNNING, cb=executor.answer_running)
+
+    async def lag() -> tuple[int, str]:
+        waiting = (await bus.js.consumer_info(STREAM, WORK_QUEUE)).num_pending
+        return waiting, f"{len(executor.running)}/{config.executor.slots} slots busy"
+
+    await answer_status(bus, "executor", executor.instance, lag)
     slots = [asyncio.create_task(executor.slot_loop(slot, stop))
              for slot in range(first, first + config.executor.slots)]
     await stop.wait()

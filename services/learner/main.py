@@ -41,7 +41,7 @@ from shared.config import Config
 from shared.events import RUN_FINISHED, PolicyUpdated, new_id, now
 from shared.policy.adapters import pack_adapter, unpack_adapter
 from shared.queries import PublishedPolicy, Transition, TransitionsReply, TransitionsRequest
-from shared.service import instance_id, run_service
+from shared.service import answer_status, instance_id, run_service
 
 if TYPE_CHECKING:
     from services.learner.ppo import RunningMoments
@@ -173,6 +173,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     producer = instance_id("learner")
     bus = await Bus.connect(config.nats.urls, producer)
     await bus.ensure_stream(config.nats.replicas)
+    await answer_status(bus, "learner", producer)
     halt, wake = threading.Event(), asyncio.Event()
 
     async def on_finished(_message: Msg) -> None:

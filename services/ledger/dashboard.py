@@ -266,7 +266,8 @@ class LiveForecasts:
         live, forecasts = self.runs[run["run_id"]]
         for point in points[len(live.used):]:  # only the points not seen on an earlier tick
             live.add(point["used"], point["loss"], bool(point["nonfinite"]))
-        threshold, note = None, "no forecast before the first look"
+        threshold = None
+        note = "no forecast before the first look" if run["status"] is None else f"ended: {run['status']}"
         if run["status"] is None and (look := evaluator.due_look(live)) is not None:  # ended: its verdict is known
             verdict = evaluator.judge(live, look, bpb_star, sigma_h)
             note, threshold = verdict.commentary, verdict.threshold

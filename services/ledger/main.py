@@ -27,7 +27,7 @@ from shared import queries
 from shared.bus import LEDGER_CONSUMER, UNAVAILABLE, Bus, Delivered, ack_after
 from shared.config import Config
 from shared.curves import CurvesReply, CurvesRequest
-from shared.service import instance_id, run_service
+from shared.service import answer_status, instance_id, run_service
 
 log = logging.getLogger("ledger")
 T = TypeVar("T")
@@ -135,6 +135,12 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     ledger = Ledger(config.ledger_path, confirm_sigmas=config.ledger.confirm_sigmas)
     bus = await Bus.connect(config.nats.urls, instance_id("ledger"))
     await bus.ensure_stream(config.nats.replicas)
+
+    async def lag() -> tuple[int, str]:
+        cursor = ledger.cursor
+        return await bus.last_seq() - cursor, f"committed up to stream seq {cursor}"
+
+    await answer_status(bus, "ledger", instance_id("ledger"), lag)
     service = LedgerService(ledger, bus, config.ledger.batch)
     await service.serve_questions()
     log.info("ledger %s at stream seq %d; SQL on http://%s:%d/sql%s", config.ledger_path, ledger.cursor,

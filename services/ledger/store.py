@@ -84,6 +84,8 @@ _CHAMPION = "SELECT code_sha256, val_bpb, finished_seq FROM champions ORDER BY f
 """c*, bpb*: the last code the keep gate made c*."""
 _FINISHED_AFTER = "SELECT count(*) FROM experiments WHERE finished_seq > $1"
 """Finished experiments since the last new best (the plateau rule)."""
+_LEARNING = """SELECT (SELECT count(*) FROM experiments WHERE status = 'aborted'),
+    (SELECT policy_version FROM policy_updates ORDER BY seq DESC LIMIT 1), (SELECT count(*) FROM policy_updates)"""
 _NOISE = "SELECT noise_ss, noise_dof FROM experiments WHERE finished_seq IS NOT NULL ORDER BY finished_seq DESC LIMIT 1"
 """The pooled sums behind σ_noise, as the last finished run left them."""
 _CANDIDATES = """
@@ -210,6 +212,7 @@ class Ledger:
             experiments, finished, first_proposed_at, noise_runs, baseline = con.execute(_COUNTS).fetchone()
             c_star, bpb_star, best_seq = con.execute(_CHAMPION).fetchone() or (None, None, 0)
             noise_ss, noise_dof = con.execute(_NOISE).fetchone() or (0.0, 0)
+            aborted, policy_version, policy_updates = con.execute(_LEARNING).fetchone()
             return LedgerState(
                 cursor=_read_cursor(con), experiments=experiments, finished=finished,
                 outstanding=experiments - finished, c_star_sha256=c_star,
@@ -221,7 +224,8 @@ class Ledger:
                                       abort_commentary=row[5], why=row[6])
                          for row in con.execute(projections.history_sql(recent, top)).fetchall()],
                 confirm_sigmas=_gate(con), sigma_noise=sigma(noise_ss, noise_dof), noise_dof=noise_dof,
-                baseline_proposal_id=baseline, noise_runs=noise_runs,
+                baseline_proposal_id=baseline, noise_runs=noise_runs, aborted=aborted,
+                policy_version=policy_version, policy_updates=policy_updates,
                 candidates=[Candidate(proposal_id=row[0], code_sha256=row[1], val_bpb=row[2], beat_by=row[3],
                                       sigma_noise=row[4], confirmations=row[5], failed=row[6])
                             for row in con.execute(_CANDIDATES).fetchall()])

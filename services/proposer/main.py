@@ -39,7 +39,7 @@ from shared.config import Config
 from shared.config import Proposer as Settings
 from shared.events import POLICY_UPDATED, RUN_FINISHED, STREAM, BadEvent, PolicyUpdated, ProposalCreated, decode, now
 from shared.policy.adapters import unpack_adapter
-from shared.service import instance_id, run_service
+from shared.service import answer_status, instance_id, run_service
 from shared.target.config import load_target
 
 log = logging.getLogger("proposer")
@@ -58,6 +58,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     bus = await Bus.connect(config.nats.urls, producer)
     await bus.ensure_stream(config.nats.replicas)
     await bus.ensure_work_queue(config.executor.ack_wait_s, config.executor.max_deliver)
+    await answer_status(bus, "proposer", producer)
     try:
         policy = await asyncio.to_thread(make_policy, config.proposer, (target.path / "program.md").read_text(),
                                          config.data_dir, config.learner.lora_r)
