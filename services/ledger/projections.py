@@ -31,6 +31,7 @@ from typing import Any
 import duckdb
 import msgspec
 import msgspec.inspect as mi
+from tqdm import tqdm
 
 from services.ledger.gate import Finished, Gate, Verdict
 from shared.diffs import EMPTY_SHA256, InvalidDiff, apply_ops, code_sha256
@@ -323,7 +324,8 @@ def replay(con: duckdb.DuckDBPyConnection, cursor: int, confirm_sigmas: float) -
     """Drop and rebuild every projection from `events` with the same code the appends use."""
     drop(con)
     create(con)
-    for lo in range(0, cursor, REPLAY_WINDOW):
+    windows = range(0, cursor, REPLAY_WINDOW)
+    for lo in tqdm(windows, desc="replaying the event log", unit="window", disable=None, leave=False):  # a TTY only
         project(con, lo, min(lo + REPLAY_WINDOW, cursor))
     refresh_derived(con, 0, cursor, confirm_sigmas)
     return {name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] for name in PROJECTION_TABLES}
