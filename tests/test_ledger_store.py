@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import statistics
@@ -672,7 +673,7 @@ def test_sql_time_limit(ledger: Ledger):
 
 def test_http_api(ledger: Ledger):
     ledger.append(Log().experiment("", BASELINE, val_bpb=1.25)[1])
-    client = TestClient(create_app(ledger, Config()))
+    client = TestClient(create_app(ledger, Config(), asyncio.Event()))
     assert client.get("/health").json() == {"ok": True, "cursor": 5}
     state = client.get("/state").json()
     assert state["bpb_star"] == 1.25 and state["c_star_code"] == BASELINE and len(state["history"]) == 1
@@ -692,14 +693,21 @@ def test_http_api(ledger: Ledger):
 
 
 def test_a_token_guards_every_endpoint_but_health(ledger: Ledger):
-    client = TestClient(create_app(ledger, load_config(environ={"AUTORESEARCH_LEDGER_HTTP_TOKEN": "s3cret"})))
+    config = load_config(environ={"AUTORESEARCH_LEDGER_HTTP_TOKEN": "s3cret"})
+    client = TestClient(create_app(ledger, config, asyncio.Event()))
     assert client.get("/health").status_code == 200
     for wrong in ({}, {"Authorization": "Bearer guess"}, {"Authorization": "s3cret"}):
-        assert client.get("/state", headers=wrong).status_code == 401
-        assert client.get("/experiments", headers=wrong).status_code == 401
+        for path in ("/state", "/experiments", "/", "/live", "/api/overview", "/api/live/stream"):
+            assert client.get(path, headers=wrong).status_code == 401, path
         assert client.post("/sql", json={"sql": "SELECT 1"}, headers=wrong).status_code == 401
     answer = client.post("/sql", json={"sql": "SELECT 1"}, headers={"Authorization": "Bearer s3cret"})
     assert answer.status_code == 200 and answer.json()["rows"] == [[1]]
+    assert client.get("/?token=guess", follow_redirects=False).status_code == 401
+    first = client.get("/policy?token=s3cret", follow_redirects=False)  # a browser's first visit
+    assert first.status_code == 303 and first.headers["location"] == "/policy"
+    cookie = first.headers["set-cookie"].lower()
+    assert "httponly" in cookie and "samesite=strict" in cookie
+    assert client.get("/api/overview").status_code == 200  # the cookie, from now on
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "ledger.internal"])

@@ -17,6 +17,7 @@ loop, and each call reads through a cursor of its own (store.Ledger), never the 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -50,7 +51,8 @@ def _json(value: Any) -> Response:
 COOKIE = "autoresearch_token"
 
 
-def create_app(ledger: Ledger, config: Config) -> FastAPI:
+def create_app(ledger: Ledger, config: Config, stop: asyncio.Event) -> FastAPI:
+    """The API of `ledger`; `stop` ends the dashboard's live streams, so that the server can stop."""
     token = config.ledger.http_token
 
     def authorized(authorization: str = Header(""), cookie: str = Cookie("", alias=COOKIE)) -> None:
@@ -96,7 +98,7 @@ def create_app(ledger: Ledger, config: Config) -> FastAPI:
         except duckdb.Error as error:
             raise HTTPException(400, f"{type(error).__name__}: {error}") from None
 
-    app.include_router(dashboard.router(ledger, config), dependencies=guarded)
+    app.include_router(dashboard.router(ledger, config, stop), dependencies=guarded)
     app.mount("/static", StaticFiles(directory=dashboard.STATIC), name="static")
     return app
 

@@ -13,8 +13,10 @@ step and nothing fetched from outside, for a machine that may be offline. Everyt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import difflib
+import html
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -35,7 +37,6 @@ from shared.config import Config
 from shared.curves import CurvesRequest
 
 STATIC = Path(__file__).parent / "static"
-PAGES = {"/": ("overview", "overview"), "/live": ("live", "live runs"), "/policy": ("policy", "policy")}
 LIVE_EVERY_S = 1.0
 """How often the live page is sent the runs in flight."""
 SILENT_S = 120.0
@@ -46,7 +47,7 @@ KIND_BUCKET = 10
 """Experiments per row of the edit-kinds table."""
 
 
-def router(ledger: Ledger, config: Config) -> APIRouter:
+def router(ledger: Ledger, config: Config, stop: asyncio.Event) -> APIRouter:
     api = APIRouter()
     shell = Template((STATIC / "page.html").read_text(encoding="utf-8"))
     forecasts = LiveForecasts(ledger, config)
@@ -54,13 +55,21 @@ def router(ledger: Ledger, config: Config) -> APIRouter:
     def page(name: str, title: str) -> HTMLResponse:
         return HTMLResponse(shell.substitute(page=name, title=title))
 
-    for path, (name, title) in PAGES.items():
-        api.add_api_route(path, lambda name=name, title=title: page(name, title), methods=["GET"],
-                          response_class=HTMLResponse, include_in_schema=False)
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def overview_page() -> HTMLResponse:
+        return page("overview", "overview")
+
+    @api.get("/live", response_class=HTMLResponse, include_in_schema=False)
+    def live_page() -> HTMLResponse:
+        return page("live", "live runs")
 
     @api.get("/runs/{proposal_id}", response_class=HTMLResponse, include_in_schema=False)
     def run_page(proposal_id: str) -> HTMLResponse:
-        return page("run", proposal_id)
+        return page("run", html.escape(proposal_id))
+
+    @api.get("/policy", response_class=HTMLResponse, include_in_schema=False)
+    def policy_page() -> HTMLResponse:
+        return page("policy", "policy")
 
     @api.get("/api/overview")
     def overview_json() -> Response:
@@ -83,17 +92,19 @@ def router(ledger: Ledger, config: Config) -> APIRouter:
 
     @api.get("/api/live/stream")
     async def live_stream() -> StreamingResponse:
-        return StreamingResponse(_events(forecasts), media_type="text/event-stream",
+        return StreamingResponse(_events(forecasts, stop), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
     return api
 
 
-async def _events(forecasts: LiveForecasts) -> AsyncIterator[bytes]:
-    while True:
+async def _events(forecasts: LiveForecasts, stop: asyncio.Event) -> AsyncIterator[bytes]:
+    """Until the ledger stops (then the browser reconnects to its successor by itself)."""
+    while not stop.is_set():
         runs = await asyncio.to_thread(forecasts.live_runs)  # DuckDB off the event loop
         yield b"data: " + msgspec.json.encode({"runs": runs}) + b"\n\n"
-        await asyncio.sleep(LIVE_EVERY_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), LIVE_EVERY_S)
 
 
 # --- overview and policy -------------------------------------------------------------------------------------

@@ -114,11 +114,16 @@ def replay(ledger: Ledger) -> queries.ReplayReply:
     return queries.ReplayReply(seconds=round(time.perf_counter() - started, 3), rows=rows)
 
 
+HTTP_GRACE_S = 3
+"""A stopping ledger waits this long for open HTTP responses (the dashboard's live streams end with `stop`)."""
+
+
 async def serve_http(ledger: Ledger, config: Config, stop: asyncio.Event) -> None:
     settings = config.ledger
     address = f"{settings.http_host}:{settings.http_port}"
-    server = uvicorn.Server(uvicorn.Config(create_app(ledger, config), host=settings.http_host,
-                                           port=settings.http_port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(ledger, config, stop), host=settings.http_host,
+                                           port=settings.http_port, log_level="warning",
+                                           timeout_graceful_shutdown=HTTP_GRACE_S))
     task = asyncio.create_task(server.serve())
     await asyncio.wait([task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     server.should_exit = True
