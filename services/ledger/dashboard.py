@@ -233,7 +233,7 @@ WITH recent AS (
 SELECT r.run_id, r.proposal_id, p.rationale, p.purpose, f.status, f.ts AS finished_at
 FROM recent r JOIN proposals p USING (proposal_id) LEFT JOIN finishes f USING (run_id)
 WHERE (f.run_id IS NULL AND r.last_ts >= '{silent}') OR f.ts >= '{ended}'
-ORDER BY r.run_id
+ORDER BY f.ts IS NOT NULL, f.ts DESC, r.run_id
 """
 POINTS = """
 SELECT run_id, CAST(payload->>'budget_used' AS DOUBLE) AS used, CAST(payload->>'train_loss' AS DOUBLE) AS loss,
