@@ -26,7 +26,10 @@ CALIBRATION_RUNS = len(LEARNING_RATES) + 1
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> Path:
-    return make_target(tmp_path_factory.mktemp("evaluator_target"), small_corpus, progress_interval_s=0.02)
+    # One slot of two threads, as before make_target's default of one: the bad edit trains its 120 steps in about
+    # a second, and with two one-thread slots (0.5 s) it once finished before the evaluator's abort could land.
+    return make_target(tmp_path_factory.mktemp("evaluator_target"), small_corpus, progress_interval_s=0.02,
+                       cpu_threads=2)
 
 
 def _edit(parent: str, learning_rate: float) -> ProposalCreated:
@@ -47,7 +50,7 @@ async def _publish(url: str, *events: ProposalCreated) -> None:
 
 def test_a_bad_edit_is_aborted_and_the_ledger_says_why(nats_server, tiny: Path, tmp_path: Path):
     loop = Loop(nats_server, tiny, tmp_path, EXECUTOR_BUDGET_AMOUNT=STEPS, EXECUTOR_PROGRESS_INTERVAL_S=0.02,
-                EXECUTOR_SLOTS=2, EVALUATOR_WARMUP_RUNS=CALIBRATION_RUNS, EVALUATOR_AUDIT_FRACTION=0)
+                EVALUATOR_WARMUP_RUNS=CALIBRATION_RUNS, EVALUATOR_AUDIT_FRACTION=0)
     baseline = (tiny / "train.py").read_text()
     loop.start("ledger", "executor", "evaluator")
     try:
