@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import html
 import json
+import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -85,10 +86,6 @@ def router(ledger: Ledger, config: Config, stop: asyncio.Event) -> APIRouter:
     @api.get("/api/policy")
     def policy_json() -> Response:
         return _json(policy(ledger.query))
-
-    @api.get("/api/live")
-    def live_json() -> Response:
-        return _json({"runs": forecasts.live_runs()})
 
     @api.get("/api/live/stream")
     async def live_stream() -> StreamingResponse:
@@ -253,8 +250,14 @@ class LiveForecasts:
         self.evaluator: SelfEvaluator | None = None
         self.calibrated_on = -1
         self.runs: dict[str, tuple[LiveRun, list[dict[str, float]]]] = {}
+        self.lock = threading.Lock()
 
     def live_runs(self) -> list[dict[str, Any]]:
+        """The cards of the live page; every open page asks each second, from a thread of its own."""
+        with self.lock:  # the runs followed so far are shared by them all
+            return self._live_runs()
+
+    def _live_runs(self) -> list[dict[str, Any]]:
         now = datetime.now(UTC).replace(tzinfo=None)
         moments = {name: (now - timedelta(seconds=s)).isoformat() for name, s in
                    (("since", SILENT_S + ENDED_SHOWN_S + 3600), ("silent", SILENT_S), ("ended", ENDED_SHOWN_S))}
