@@ -17,7 +17,7 @@ from shared.curves import CurvesRequest, read_curves, write_curves
 from shared.diffs import EMPTY_SHA256, code_sha256, ops_between, unified_diff
 from shared.events import EditOp, ProposalCreated, new_id, now
 
-STEPS = 120
+STEPS = 240
 LEARNING_RATES = (5e-4, 1e-3, 2e-3, 3e-3, 4.5e-3, 6e-3, 9e-3, 1.2e-2, 2e-2)
 """With the baseline's, the runs the evaluator calibrates on before the bad edit: the default warm-up's ten.
 (With fewer, down to calibration.MIN_RUNS_PER_LINE, the Student-t factor widens every forecast a lot.)"""
@@ -26,8 +26,8 @@ CALIBRATION_RUNS = len(LEARNING_RATES) + 1
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory, small_corpus: Path) -> Path:
-    # One slot of two threads, as before make_target's default of one: the bad edit trains its 120 steps in about
-    # a second, and with two one-thread slots (0.5 s) it once finished before the evaluator's abort could land.
+    # One slot of two threads: a run trains its 240 steps in about 1.5 s, the window in which the evaluator must
+    # abort the bad edit (with 120 steps, 0.5-0.8 s, it twice finished before the abort landed in a full suite).
     return make_target(tmp_path_factory.mktemp("evaluator_target"), small_corpus, progress_interval_s=0.02,
                        cpu_threads=2)
 
