@@ -2,7 +2,7 @@
 
     autoresearch up                                          NATS + every service; Ctrl-C stops them
     autoresearch down | status                               stop the stack / where the loop stands
-    autoresearch tail 'run.>' [--json]                       print events as they are published
+    autoresearch tail ['run.>'] [--json]                     print events as they are published
     autoresearch sql "SELECT * FROM experiments" [--csv | --json]   read-only SQL on the ledger
     autoresearch replay                                      rebuild the ledger's projections from its log
     autoresearch report [--since 12h] [--out DIR]             the research run as one self-contained HTML file
@@ -11,6 +11,9 @@
     autoresearch target prepare targets/cpu_gpt              build the tokenized data (cached)
     autoresearch target run targets/cpu_gpt [--budget-steps N | --budget-tokens N | --budget-seconds S]
     autoresearch target download climbmix --shards 8        fetch parquet shards (needs internet)
+
+Long operations (prepare, replay, download) draw a progress bar on stderr when it is a terminal; --progress
+draws it anyway, --no-progress never.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ from nats.aio.msg import Msg
 from services.ledger.main import replay
 from services.ledger.sql import QueryResult
 from services.ledger.store import Ledger
-from shared import queries, stack
+from shared import progress, queries, stack
 from shared.bus import Bus
 from shared.config import Config, ConfigError, load_config
 from shared.curves import CurvesRequest, read_curves, write_curves
 from shared.events import (
+    STREAM_SUBJECTS,
     AnyEvent,
     BadEvent,
     PolicyUpdated,
@@ -56,6 +60,8 @@ from shared.target.records import Budget, Progress
 from shared.target.runner import run_target
 
 T = TypeVar("T")
+EVENT_ROOTS = {pattern.split(".")[0] for pattern in STREAM_SUBJECTS}
+"""A message under these is meant to be an event: one that does not decode is malformed."""
 
 
 def _budget(args: argparse.Namespace) -> Budget | None:
@@ -188,21 +194,35 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _tail(urls: list[str], subject: str, raw: bool) -> None:
+async def _tail(urls: list[str], subject: str | None, raw: bool) -> None:
+    """Print every message on `subject` (default: the events' subjects) until interrupted."""
     nc = await nats.connect(servers=urls, name="cli/tail", max_reconnect_attempts=-1)
-    subscription = await nc.subscribe(subject)
-    print(f"tailing {subject} on {', '.join(urls)} (Ctrl-C stops)", file=sys.stderr)
-    async for message in subscription.messages:
-        print(message.data.decode("utf-8", errors="replace") if raw else describe(message.subject, message.data),
-              flush=True)
+    # Not '>' by default: that also matches the JetStream API's and the request inboxes' traffic (every pull).
+    subjects = [subject] if subject else STREAM_SUBJECTS
+    lines: asyncio.Queue[str] = asyncio.Queue()
+
+    async def show(message: Msg) -> None:
+        await lines.put(message.data.decode("utf-8", errors="replace") if raw
+                        else describe(message.subject, message.data))
+
+    for pattern in subjects:
+        await nc.subscribe(pattern, cb=show)
+    await nc.flush()  # subscribed on the server before saying so
+    print(f"tailing {', '.join(subjects)} on {', '.join(urls)} (Ctrl-C stops)", file=sys.stderr, flush=True)
+    while True:
+        print(await lines.get(), flush=True)
 
 
-def describe(subject_name: str, data: bytes) -> str:
-    """One aligned line for a message: time, kind, the run or proposal, and what matters for its kind."""
+def describe(subject_name: str, data: bytes, received: datetime | None = None) -> str:
+    """One aligned line for a message: time, kind, the run or proposal, and what matters for its kind. A message
+    that is no event is shown with its reason (malformed) or as it is (any other subject asked for)."""
+    at = f"{(received or datetime.now(UTC)).astimezone():%H:%M:%S}"
+    if subject_name.split(".")[0] not in EVENT_ROOTS:
+        return f"{at}  {'message':<16} {subject_name}  {_cut(data.decode('utf-8', errors='replace'))}"
     try:
         event = decode(subject_name, data)
     except BadEvent as error:
-        return f"{'--:--:--'}  {'malformed':<16} {subject_name}: {error}"
+        return f"{at}  {'MALFORMED':<16} {subject_name}  {_cut(str(error), 160)}"
     return f"{event.ts.astimezone():%H:%M:%S}  {_kind(event):<16} {_what(event)}"
 
 
@@ -269,17 +289,30 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 @contextlib.contextmanager
 def _ledger_sql(config: Config) -> Iterator[Callable[[str], QueryResult]]:
-    """Read-only SQL on the ledger: through the running stack's ledger API (the ledger holds the file), or on
-    the file itself when the stack is down."""
-    running = stack.running_stack(config)
-    if running:
-        yield lambda sql: sql_over_http(running.http_port, sql, config.ledger.http_token)
+    """Read-only SQL on the ledger: through the API of a ledger running here (it holds the file), or on the file
+    itself when none runs."""
+    port = _live_ledger_port(config)
+    if port is not None:
+        yield lambda sql: sql_over_http(port, sql, config.ledger.http_token)
         return
     ledger = _offline_ledger(config)
     try:
         yield ledger.query
     finally:
         ledger.close()
+
+
+def _live_ledger_port(config: Config) -> int | None:
+    """The HTTP port of the ledger running on this machine: the stack's, or the configured one where a ledger
+    answers there (started without `autoresearch up`, as on a fleet's ledger machine)."""
+    running = stack.running_stack(config)
+    if running:
+        return running.http_port
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{config.ledger.http_port}/health", timeout=2) as response:
+            return config.ledger.http_port if json.loads(response.read()).get("ok") else None
+    except (OSError, ValueError, AttributeError):  # nothing listens there, or something that is no ledger
+        return None
 
 
 def sql_over_http(port: int, sql: str, token: str) -> QueryResult:
@@ -383,12 +416,14 @@ def cmd_evaluator_replay(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="autoresearch", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                     help="progress bars on stderr for long operations (default: only when stderr is a terminal)")
     commands = top.add_subparsers(dest="command", required=True)
     commands.add_parser("up", help="start NATS and every service; Ctrl-C stops them").set_defaults(handler=cmd_up)
     commands.add_parser("down", help="stop a running stack").set_defaults(handler=cmd_down)
     commands.add_parser("status", help="where the loop stands").set_defaults(handler=cmd_status)
     tail = commands.add_parser("tail", help="print events as they are published")
-    tail.add_argument("subject", nargs="?", default=">", help="subject pattern, e.g. 'run.>' (default: all)")
+    tail.add_argument("subject", nargs="?", help="subject pattern, e.g. 'run.>' (default: every event)")
     tail.add_argument("--json", action="store_true", help="each message as it is on the wire")
     tail.set_defaults(handler=cmd_tail)
     sql = commands.add_parser("sql", help="read-only SQL on the ledger (tables: experiments, champions, ...)")
@@ -452,6 +487,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.progress is not None:
+        os.environ[progress.ENV] = "1" if args.progress else "0"
     try:
         return args.handler(args)
     except (TargetError, ConfigError, OSError, ValueError, RuntimeError, TimeoutError) as error:

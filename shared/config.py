@@ -17,8 +17,9 @@ from typing import Literal
 import msgspec
 
 ENV_PREFIX = "AUTORESEARCH_"
-NOT_SETTINGS = ("CONFIG", "DATA", "LOG_LEVEL")
-"""AUTORESEARCH_<these> are read elsewhere: this file's path, the data root (shared/target/data.py), the log level."""
+NOT_SETTINGS = ("CONFIG", "DATA", "LOG_LEVEL", "PROGRESS")
+"""AUTORESEARCH_<these> are read elsewhere: this file's path, the data root (shared/target/data.py), the log level,
+progress bars (shared/progress.py)."""
 DEFAULT_FILE = "autoresearch.toml"
 
 

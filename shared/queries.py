@@ -132,7 +132,8 @@ class ServiceStatus(msgspec.Struct, frozen=True, kw_only=True):
     started_at: datetime
     lag: int | None
     """Work waiting for this service: stream events the ledger has not committed; proposals queued for the
-    executors. None where nothing waits on it in that sense."""
+    executors; finished experiments the learner has not learned from. None where nothing waits on it in that
+    sense (the proposer, the evaluator)."""
     detail: str = ""
 
 

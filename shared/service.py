@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 from nats.aio.msg import Msg
 
-from shared import queries
+from shared import progress, queries
 from shared.bus import Bus
 from shared.config import Config, ConfigError, load_config
 
@@ -47,12 +47,16 @@ def version() -> str:
 
 
 async def answer_status(bus: Bus, service: str, instance: str, lag: Lag | None = None) -> None:
-    """Answer every `autoresearch status` while this process runs."""
+    """Answer every `autoresearch status` (queries.STATUS) while this process runs."""
+    built = version()  # now, not in the first answer: it may run git
+
     async def answer(message: Msg) -> None:
-        behind, detail = await lag() if lag else (None, "")
+        try:
+            behind, detail = await lag() if lag else (None, "")
+        except Exception as error:  # noqa: BLE001 - a service that cannot measure its lag is still up: say so
+            behind, detail = None, f"lag unknown: {error or type(error).__name__}"
         await message.respond(msgspec.json.encode(queries.ServiceStatus(
-            service=service, instance=instance, version=version(), started_at=STARTED_AT, lag=behind,
-            detail=detail)))
+            service=service, instance=instance, version=built, started_at=STARTED_AT, lag=behind, detail=detail)))
 
     await bus.nc.subscribe(queries.STATUS, cb=answer)
 
@@ -61,7 +65,9 @@ def run_service(service: str, serve: Serve) -> None:
     """Run `serve(config, stop)` until SIGINT/SIGTERM sets `stop`; exit 2 with one line on a bad config."""
     logging.basicConfig(level=os.environ.get("AUTORESEARCH_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # a service's stderr is a log, not a terminal
+    # A service's stderr is a log, not a terminal: no progress bar in it, even one `autoresearch --progress up` asked.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ[progress.ENV] = "0"
     try:
         config = load_config()
     except ConfigError as error:

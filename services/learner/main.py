@@ -173,7 +173,12 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     producer = instance_id("learner")
     bus = await Bus.connect(config.nats.urls, producer)
     await bus.ensure_stream(config.nats.replicas)
-    await answer_status(bus, "learner", producer)
+    latest: list[TransitionsReply] = []  # the ledger's last answer: what `autoresearch status` shows
+
+    async def lag() -> tuple[int | None, str]:
+        return (latest[0].pending, waiting(latest[0], config.learner.batch_size)) if latest else (None, "starting")
+
+    await answer_status(bus, "learner", producer, lag)
     halt, wake = threading.Event(), asyncio.Event()
 
     async def on_finished(_message: Msg) -> None:
@@ -193,6 +198,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         while not stop.is_set():
             wake.clear()
             reply = await service.pending(seen)
+            latest[:] = [reply]
             if reply.pending >= config.learner.batch_size:
                 if (seq := await service.update(reply, seen)) is None:
                     log.info("stopped in the middle of an update; the next start redoes it")

@@ -31,9 +31,9 @@ from typing import Any
 import duckdb
 import msgspec
 import msgspec.inspect as mi
-from tqdm import tqdm
 
 from services.ledger.gate import Finished, Gate, Verdict
+from shared import progress
 from shared.diffs import EMPTY_SHA256, InvalidDiff, apply_ops, code_sha256
 from shared.events import (
     POLICY_UPDATED,
@@ -325,7 +325,7 @@ def replay(con: duckdb.DuckDBPyConnection, cursor: int, confirm_sigmas: float) -
     drop(con)
     create(con)
     windows = range(0, cursor, REPLAY_WINDOW)
-    for lo in tqdm(windows, desc="replaying the event log", unit="window", disable=None, leave=False):  # a TTY only
+    for lo in progress.bar(windows, desc="replaying the event log", unit="window", leave=False):
         project(con, lo, min(lo + REPLAY_WINDOW, cursor))
     refresh_derived(con, 0, cursor, confirm_sigmas)
     return {name: con.execute(f"SELECT count(*) FROM {name}").fetchone()[0] for name in PROJECTION_TABLES}

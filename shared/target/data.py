@@ -28,8 +28,8 @@ from typing import NamedTuple
 
 import duckdb
 import numpy as np
-from tqdm import tqdm
 
+from shared import progress
 from shared.target.tokenizer import Tokenizer, train_tokenizer
 
 VAL_BASIS_POINTS = 500
@@ -255,7 +255,7 @@ def _encode_corpus(corpus: Corpus, tokenizer: Tokenizer, folder: Path, quiet: bo
     with (
         open(folder / "train.bin", "wb") as train_file,
         open(folder / "val.bin", "wb") as val_file,
-        tqdm(total=corpus.count, unit="doc", desc=f"preparing {corpus.spec}", disable=quiet, mininterval=1) as bar,
+        progress.bar(total=corpus.count, unit="doc", desc=f"preparing {corpus.spec}", quiet=quiet) as bar,
     ):
         files = {"train": train_file, "val": val_file}
 
@@ -293,7 +293,7 @@ def download(dataset: str, shards: int, dest: Path | None = None, base_url: str 
         raise ValueError(f"{dataset} has {available} shards; asked for {shards}")
     folder = dest or data_root() / "datasets" / dataset
     folder.mkdir(parents=True, exist_ok=True)
-    for index in tqdm(range(shards), unit="shard", desc=f"downloading {dataset}"):
+    for index in progress.bar(range(shards), unit="shard", desc=f"downloading {dataset}"):
         name = pattern.format(index)
         _fetch(f"{base_url or default_url}/{name}", folder / name)
     return folder
