@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed$(if $(GPU),-gpu)
 CHROMIUM := /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: install up down test bench faults lint clean
+.PHONY: install up down test bench faults research lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(STAMP)
 # The fault suite's long form (make test runs a bounded one): bench/results/faults.json.
 faults: $(STAMP)
 	$(BIN)/python -m bench.faults
+
+# The paper's Table 1 on our target (hours on a CPU; see the README): bench/results/research.json and .png.
+# Arguments through ARGS, e.g. make research ARGS="--seeds 2 --experiments 16".
+research: $(STAMP)
+	$(BIN)/python -m bench.research $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

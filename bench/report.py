@@ -26,9 +26,9 @@ def commit() -> str:
     return found.stdout.strip() or "unknown"
 
 
-def write(name: str, figures: dict[str, object]) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def write(name: str, figures: dict[str, object], folder: Path = RESULTS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     record = {"benchmark": name, "at": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit(),
               "machine": machine(), "figures": figures}
     path.write_bytes(msgspec.json.format(msgspec.json.encode(record)) + b"\n")
