@@ -10,6 +10,7 @@ from bench.report import write
 BENCHMARKS = {
     "ledger_append": ledger.append_rate,
     "ledger_nats_ingest": ledger.nats_ingest_rate,
+    "ledger_commit_latency": ledger.commit_latency,
     "ledger_replay_1m": ledger.replay_time,
     "executor_overhead": executor.overhead,
     "evaluator_replay": evaluator.replay_figures,

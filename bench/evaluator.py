@@ -25,7 +25,7 @@ from shared.nats_server import EmbeddedServer
 
 DATA = Path(__file__).parent / "data"
 """Curves files `curves_*.jsonl`: each one recording, one loop's history from its baseline."""
-ABORTS = 10
+ABORTS = 20
 
 
 def replay_figures() -> dict[str, object]:
@@ -66,7 +66,8 @@ def abort_latency(aborts: int = ABORTS) -> dict[str, object]:
         finally:
             loop.stop()
             server.stop()
-    return {"aborts": len(latencies), "latency_s_median": round(statistics.median(latencies), 3),
+    cuts = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {"aborts": len(latencies), "latency_s_p50": round(cuts[49], 3), "latency_s_p99": round(cuts[98], 3),
             "latency_s_max": round(max(latencies), 3), "latency_s_all": [round(x, 3) for x in latencies]}
 
 

@@ -1,4 +1,5 @@
-"""Ledger figures: append rate of the store, ingest rate through NATS, replay time of a 1M-event log.
+"""Ledger figures: append rate of the store, ingest rate through NATS, publish-to-commit latency of run.progress,
+replay time of a 1M-event log and the memory it takes.
 
 The synthetic log has the shape of the real one: per experiment one proposal, PROGRESS_PER_RUN
 run.progress events (a 60 s run reporting every 2 s) and one run.finished.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import resource
 import statistics
 import tempfile
 import time
@@ -96,6 +98,50 @@ def nats_ingest_rate(count: int = 50_000) -> dict[str, float]:
     return {"events": count, "seconds": round(seconds, 2), "nats_ingest_events_per_s": round(count / seconds)}
 
 
+async def _commit_latency(count: int, rate: float) -> list[float]:
+    """Each event's seconds from its publish to the ledger's commit of it, events published at `rate` a second
+    (the ledger service in this process, as the NATS ingest above: its commit is observed, not polled)."""
+    with tempfile.TemporaryDirectory() as folder:
+        server = EmbeddedServer(Path(folder) / "nats").start()
+        try:
+            bus = await Bus.connect([server.url], "bench")
+            await bus.ensure_stream()
+            ledger = Ledger(Path(folder) / "bench.duckdb")
+            service = LedgerService(ledger, bus, BATCH)
+            stop = asyncio.Event()
+            ingest = asyncio.create_task(service.ingest(stop))
+            published: dict[int, float] = {}
+            committed: dict[int, float] = {}
+
+            async def watch() -> None:
+                async with service.committed:
+                    while len(committed) < count:
+                        await service.committed.wait()
+                        at = time.perf_counter()
+                        committed.update((seq, at) for seq in range(len(committed) + 1, service.cursor + 1))
+
+            watcher = asyncio.create_task(watch())
+            for name, data in synthetic_events(count):
+                began = time.perf_counter()
+                published[(await bus.js.publish(name, data)).seq] = began
+                await asyncio.sleep(1 / rate)
+            await asyncio.wait_for(watcher, 60)
+            stop.set()
+            await ingest
+            await bus.close()
+            ledger.close()
+        finally:
+            server.stop()
+    return [committed[seq] - at for seq, at in published.items()]
+
+
+def commit_latency(count: int = 5000, rate: float = 500.0) -> dict[str, object]:
+    latencies = asyncio.run(_commit_latency(count, rate))
+    cuts = statistics.quantiles(latencies, n=100)
+    return {"events": count, "published_per_s": rate, "latency_s_p50": round(cuts[49], 4),
+            "latency_s_p99": round(cuts[98], 4), "latency_s_max": round(max(latencies), 4)}
+
+
 def replay_time(count: int = 1_000_000, repeats: int = 3) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
         ledger = Ledger(Path(folder) / "bench.duckdb")
@@ -115,4 +161,5 @@ def replay_time(count: int = 1_000_000, repeats: int = 3) -> dict[str, float]:
             times.append(time.perf_counter() - began)
         ledger.close()
     return {"events": count, "build_s": round(build_s, 1), "replay_s_median": round(statistics.median(times), 2),
-            "replay_s_all": [round(t, 2) for t in times], "rows": rows}
+            "replay_s_all": [round(t, 2) for t in times], "rows": rows,
+            "peak_rss_mb_build_and_replay": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}

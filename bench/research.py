@@ -1,12 +1,15 @@
 """The paper's Table 1 on this project's own target: policies side by side, at the same number of experiments.
 
     python -m bench.research [--experiments N] [--seeds S] [--policies random,llm,llm+ppo] [--evaluator on,off]
+                             [--budget AMOUNT --budget-unit tokens|steps]
                              (make research) -> bench/results/research.json, research.png
 
 Each arm is one research run of the whole loop, every service a process on its own nats-server as `make up` runs
-them, in deterministic budget mode (every experiment trains the same number of steps), stopped once N experiments
-have finished. Arms: policy x self-evaluator on/off x seed; the seed is the proposer's draws, the training runs'
-seed and the learner's. Policies:
+them, in deterministic budget mode, stopped once N experiments have finished. The budget is in tokens by default:
+every experiment trains on as many tokens, whatever its batch size. (A budget in steps rewards bigger batches: in a
+first run on steps, random search's first win was BATCH_SIZE 32 -> 64, twice the compute.)
+Arms: policy x self-evaluator on/off x seed; the seed is the proposer's draws, the training runs' seed and the
+learner's. Policies:
 - baseline: the unmodified train.py, the first experiment of every arm (not an arm of its own);
 - random: uniform draws from the grid of train.py's constants;
 - llm: the proposing model without learning (lm-score; no learner runs);
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -40,6 +44,7 @@ from services.ledger.store import Ledger
 from shared.config import load_config
 from shared.edit_kinds import BASELINE
 from shared.nats_server import EmbeddedServer
+from shared.target.records import Budget
 
 POLICIES = {
     "random": {"PROPOSER_POLICY": "random"},
@@ -52,6 +57,7 @@ ORDER = ("baseline", "random", "greedy-llm", "llm", "llm+ppo")
 """The paper's claim, worst to best: each policy beats the ones before it (Table 1; llm is ours, between the two)."""
 ALPHA = 0.05
 FINISHED = "SELECT count(*) FROM experiments WHERE finished_seq IS NOT NULL"
+LEDGER_FILE = "ledger.duckdb"
 
 
 @dataclass(frozen=True)
@@ -87,14 +93,21 @@ def arms(policies: Iterable[str], evaluator: Iterable[bool], seeds: Iterable[int
     return [Arm(policy, on, seed) for seed in seeds for policy in policies for on in evaluator]
 
 
-def run_arm(arm: Arm, target: Path, experiments: int, steps: int, work: Path,
+def run_arm(arm: Arm, target: Path, experiments: int, budget: Budget, work: Path,
             settings: dict[str, object]) -> ArmResult:
-    """One research run: start the stack, wait for `experiments` finished runs, stop it, read its ledger."""
+    """One research run: start the stack, wait for `experiments` finished runs, stop it, read its ledger. An arm
+    that an earlier invocation finished in `work` (--keep) is read, not run again; one it left unfinished is run
+    again from scratch (its experiments per hour would not compare)."""
+    if (work / LEDGER_FILE).exists():
+        found = _experiments(work)
+        if len(found) >= experiments:
+            return read_arm(arm, found[:experiments])
+        shutil.rmtree(work)
     work.mkdir(parents=True)
     server = EmbeddedServer(work / "nats").start()
     loop = Loop(server, target, work, **(POLICIES[arm.policy] | {
         "PROPOSER_MAX_EXPERIMENTS": experiments, "PROPOSER_SEED": arm.seed, "EXECUTOR_SEED": arm.seed,
-        "LEARNER_SEED": arm.seed, "EXECUTOR_BUDGET_UNIT": "steps", "EXECUTOR_BUDGET_AMOUNT": steps,
+        "LEARNER_SEED": arm.seed, "EXECUTOR_BUDGET_UNIT": budget.unit, "EXECUTOR_BUDGET_AMOUNT": budget.amount,
         "EXECUTOR_ACK_WAIT_S": 30, "EXECUTOR_PROGRESS_INTERVAL_S": 1.0} | settings))
     services = ["ledger", "executor", *(["evaluator"] if arm.evaluator else []),
                 *(["learner"] if arm.policy in LEARNS else []), "proposer"]
@@ -105,12 +118,15 @@ def run_arm(arm: Arm, target: Path, experiments: int, steps: int, work: Path,
     finally:
         loop.stop()
         server.stop()
-    ledger = Ledger(work / "ledger.duckdb", read_only=True)
+    return read_arm(arm, _experiments(work)[:experiments])
+
+
+def _experiments(work: Path) -> list[views.Experiment]:
+    ledger = Ledger(work / LEDGER_FILE, read_only=True)
     try:
-        found, _ = views.experiments(ledger.query)
+        return views.experiments(ledger.query)[0]
     finally:
         ledger.close()
-    return read_arm(arm, found[:experiments])
 
 
 def read_arm(arm: Arm, found: list[views.Experiment]) -> ArmResult:
@@ -232,12 +248,12 @@ def chart(results: list[ArmResult], path: Path) -> Path:
     return path
 
 
-def research(target: Path, arms_to_run: list[Arm], experiments: int, steps: int, work: Path,
+def research(target: Path, arms_to_run: list[Arm], experiments: int, budget: Budget, work: Path,
              settings: dict[str, object]) -> list[ArmResult]:
     """Every arm, one after the other (side by side they would share the CPU and slow each other)."""
     results = []
     for arm in arms_to_run:
-        results.append(result := run_arm(arm, target, experiments, steps, work / arm.name.replace("/", "-"),
+        results.append(result := run_arm(arm, target, experiments, budget, work / arm.name.replace("/", "-"),
                                          settings))
         print(f"{arm.name}: best {result.best_bpb:.4f} (baseline {result.baseline_bpb:.4f}), "
               f"{result.experiments_per_hour:.0f} experiments/h, {result.statuses}", file=sys.stderr, flush=True)
@@ -270,26 +286,30 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--evaluator", type=_choices(["on", "off"]), default=["on", "off"])
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1 (default 3)")
     parser.add_argument("--experiments", type=int, default=30, help="finished experiments per arm (default 30)")
-    parser.add_argument("--steps", type=int, default=300, help="training steps per experiment (default 300)")
+    parser.add_argument("--budget", type=int, default=122_880,
+                        help="training budget per experiment (default 122880 tokens: the CPU target's 30 steps)")
+    parser.add_argument("--budget-unit", choices=["tokens", "steps"], default="tokens")
     parser.add_argument("--target", type=Path, default=REPO / "targets" / "cpu_gpt")
     parser.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="a loop setting for every arm, as AUTORESEARCH_<KEY> (e.g. EVALUATOR_WARMUP_RUNS=5)")
-    parser.add_argument("--keep", type=Path, help="work in this new folder and keep it (ledgers, logs)")
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (ledgers, logs); run again "
+                        "with the same folder, the arms it finished are read, not run again")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where research.json and research.png go")
     return parser
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    budget = Budget(args.budget_unit, args.budget)
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
         work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="research-")))
         results = research(args.target.resolve(), arms(args.policies, [e == "on" for e in args.evaluator],
                                                        range(args.seeds)),
-                           args.experiments, args.steps, work, dict(args.set))
+                           args.experiments, budget, work, dict(args.set))
     args.out.mkdir(parents=True, exist_ok=True)
     chart(results, args.out / "research.png")
-    write("research", {"target": str(args.target), "experiments": args.experiments, "steps": args.steps,
+    write("research", {"target": str(args.target), "experiments": args.experiments, "budget": str(budget),
                       "seeds": args.seeds, "settings": dict(args.set), "runtime_h": (time.monotonic() - started) / 3600,
                       **summarize(results), "arms": [record(r) for r in results]}, args.out)
     return 0

@@ -14,7 +14,7 @@ import msgspec
 
 from shared.target.records import Phase, RunResult
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Raised when a field is added (always with a default, so that every older event still decodes, and the stream
 stays replayable); an event from a newer build is refused, so upgrade every service before any publishes."""
 STREAM = "EVENTS"
@@ -126,6 +126,13 @@ class RunFinished(Event, frozen=True, kw_only=True):
     proposal_id: Id
     executor_id: str
     result: RunResult
+    slot: int | None = None
+    """The executor slot that ran it (from schema 2 on, as the two fields below)."""
+    waited_s: float | None = None
+    """The slot idle before this proposal came: since it acked its previous one, or since the executor started."""
+    prepared_s: float | None = None
+    """From the delivery to the runner: the redelivery checks, the parent code from the ledger, the diff applied.
+    With result's setup/startup/training/eval and these, a slot's duty cycle (bench/executor.py)."""
 
 
 class PPOStats(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,6 +10,7 @@ import pytest
 
 from shared.events import (
     MAX_EVENT_BYTES,
+    SCHEMA_VERSION,
     BadEvent,
     EditOp,
     PolicyUpdated,
@@ -102,13 +103,17 @@ def test_repeats_round_trip_and_proposals_logged_before_them_still_decode():
         decode("proposal.created", msgspec.json.encode(old | {"purpose": "explore"}))
 
 
-def test_a_newer_build_reads_older_events_and_refuses_newer_ones(monkeypatch: pytest.MonkeyPatch):
-    import shared.events
-
-    progress, name = EVENTS[1], subject(EVENTS[1])
-    monkeypatch.setattr(shared.events, "SCHEMA_VERSION", 2)  # the build after an upgrade
-    assert decode(name, encode(progress)) == progress  # the stream's version-1 events still replay
-    for version in (0, 3):
-        data = msgspec.json.decode(encode(progress)) | {"schema_version": version}
-        with pytest.raises(BadEvent, match=f"schema_version {version}, this build reads 1 to 2"):
-            decode(name, msgspec.json.encode(data))
+def test_this_build_reads_older_events_and_refuses_newer_ones():
+    finished = EVENTS[3]
+    old = msgspec.json.decode(encode(finished)) | {"schema_version": 1}
+    for field in ("slot", "waited_s", "prepared_s"):  # what schema 2 added, with defaults
+        del old[field]
+    for field in ("setup_s", "eval_s"):
+        del old["result"][field]
+    decoded = decode(subject(finished), msgspec.json.encode(old))  # the stream's version-1 events still replay
+    assert isinstance(decoded, RunFinished) and decoded.schema_version == 1
+    assert (decoded.slot, decoded.waited_s, decoded.result.setup_s) == (None, None, 0.0)
+    for version in (0, SCHEMA_VERSION + 1):
+        data = old | {"schema_version": version}
+        with pytest.raises(BadEvent, match=f"schema_version {version}, this build reads 1 to {SCHEMA_VERSION}"):
+            decode(subject(finished), msgspec.json.encode(data))

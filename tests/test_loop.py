@@ -18,6 +18,7 @@ import pytest
 from conftest import chromium, make_target
 from pages import watch_live_run
 
+from bench.executor import REPORTS, split
 from bench.loop import Loop
 from services.ledger.store import Ledger
 from shared import queries
@@ -91,6 +92,11 @@ def test_random_search_loop_end_to_end(nats_server, tiny: Path, tmp_path: Path):
         loop.stop()
 
     assert_every_event_once(loop, nats_server.url)
+    parts, duty = split(loop.sql(REPORTS))  # where each slot's time went, by its reports (bench/executor.py)
+    assert len(parts) >= 7 - 2 and 1 <= len(duty) <= 2 and all(0 < share < 1 for share in duty)
+    assert all(seconds >= -0.01 for experiment in parts for seconds in experiment.values()), parts  # they add up
+    assert all(experiment["training"] > 0 and experiment["evaluation"] > 0 for experiment in parts
+               if experiment["startup"] > 0)  # every run that started trained and was judged
     bad = dict(loop.sql("SELECT subject, reason FROM bad_events"))
     assert sorted(bad) == sorted(MALFORMED) and all(bad.values())
     assert loop.log("executor").count("skipping malformed proposal") == 1  # termed, not redelivered

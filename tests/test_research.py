@@ -61,10 +61,14 @@ def test_a_small_research_run_side_by_side_agrees_with_its_ledgers(tmp_path: Pat
     unmodified train.py, a repeat of it measuring noise, one search step)."""
     target = make_target(tmp_path / "target", small_corpus)
     out, work, experiments = tmp_path / "results", tmp_path / "work", 3
-    assert main(["--policies", "random,llm", "--evaluator", "on,off", "--seeds", "1", "--experiments",
-                 str(experiments), "--steps", "12", "--target", str(target), "--keep", str(work), "--out", str(out),
-                 "--set", "PROPOSER_NOISE_REPEATS=1"]) == 0
+    argv = ["--policies", "random,llm", "--evaluator", "on,off", "--seeds", "1", "--experiments", str(experiments),
+            "--budget", str(12 * 8 * 32), "--target", str(target), "--keep", str(work),  # 12 steps' tokens
+            "--set", "PROPOSER_NOISE_REPEATS=1"]
+    assert main([*argv, "--out", str(out)]) == 0
     figures = json.loads((out / "research.json").read_text())["figures"]
+    assert main([*argv, "--out", str(out / "again")]) == 0  # the finished arms are read from their ledgers
+    again = json.loads((out / "again" / "research.json").read_text())["figures"]
+    assert again["runtime_h"] < 0.1 * figures["runtime_h"] and again["arms"] == figures["arms"]
     arms = {arm["name"]: arm for arm in figures["arms"]}
     assert sorted(arms) == ["llm/evaluator-off/seed0", "llm/evaluator-on/seed0", "random/evaluator-off/seed0",
                             "random/evaluator-on/seed0"]

@@ -62,6 +62,8 @@ def test_progress_streams_in_order_and_the_time_budget_holds(tiny: Path):
     assert steps == sorted(steps) and records[-1].step == result.steps
     assert records[-1].num_params == result.num_params > 0
     assert all(r.train_loss is None or r.train_loss > 0 for r in records)
+    parts = (result.setup_s, result.startup_s, result.training_s, result.eval_s)
+    assert all(part > 0 for part in parts) and sum(parts) <= result.total_s  # the rest: the model handed in
 
 
 @pytest.mark.parametrize(

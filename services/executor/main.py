@@ -87,17 +87,21 @@ class Executor:
         self.active: set[StopRequest] = set()
         self.running: dict[str, str] = {}
         """proposal_id -> run_id of the runs this process has taken and not yet reported."""
+        self.runner_started: dict[str, float] = {}
+        """run_id -> when its runner began (time.monotonic), for the run's prepared_s."""
         self.stopping = False
 
     async def slot_loop(self, slot: int, stop: asyncio.Event) -> None:
         work = await self.bus.pull(WORK_QUEUE)
+        idle_since = time.monotonic()
         while not stop.is_set():
             try:
                 messages = await work.fetch(1, timeout=2)
             except UNAVAILABLE:  # nothing queued, or no stream leader for the moment
                 continue
             for message in messages:  # none when the pull request expired with a status reply
-                await self.handle(message, slot)
+                await self.handle(message, slot, waited_s=time.monotonic() - idle_since)
+                idle_since = time.monotonic()
 
     def shut_down(self) -> None:
         """Stop every run now; their proposals are handed back to the queue, not reported."""
@@ -105,7 +109,8 @@ class Executor:
         for request in self.active:
             request.request("the executor is shutting down")
 
-    async def handle(self, message: Msg, slot: int) -> None:
+    async def handle(self, message: Msg, slot: int, waited_s: float) -> None:
+        delivered = time.monotonic()
         seq, attempt = message.metadata.sequence.stream, message.metadata.num_delivered
         try:
             proposal = decode(message.subject, message.data)
@@ -129,11 +134,14 @@ class Executor:
                     if self.stopping:
                         await message.nak()
                         return
+                    prepared_s = self.runner_started.pop(run_id, time.monotonic()) - delivered
                     await self.bus.publish_until_stored(RunFinished(
                         event_id=new_id(), producer=self.instance, ts=now(), run_id=run_id,
-                        proposal_id=proposal.proposal_id, executor_id=self.instance, result=result))
+                        proposal_id=proposal.proposal_id, executor_id=self.instance, result=result, slot=slot,
+                        waited_s=round(waited_s, 3), prepared_s=round(prepared_s, 3)))
                 finally:
                     del self.running[proposal.proposal_id]
+                    self.runner_started.pop(run_id, None)
                 bpb = "-" if result.val_bpb is None else f"{result.val_bpb:.4f}"
                 log.info("run %s %s: val_bpb %s, %d steps in %.1f s %s", run_id, result.status, bpb, result.steps,
                          result.training_s, result.error or "")
@@ -170,6 +178,7 @@ class Executor:
         reporter.stop = stop
         aborts = await self.bus.nc.subscribe(run_subject(RUN_ABORTED, run_id), cb=_abort_handler(stop))
         self.active.add(stop)
+        self.runner_started[run_id] = time.monotonic()
         try:
             return await asyncio.to_thread(
                 run_target, self.target, code, budget=self.budget, seed=seed, device=self.device,

@@ -64,6 +64,13 @@ class RunResult(msgspec.Struct, frozen=True, kw_only=True):
     sandbox: str
     error: str | None = None
     error_tail: str | None = None
+    setup_s: float = 0.0
+    """The runner's own work before the training process: the data check, the compile check, the workspace, and any
+    wait for the slot's uid (held by a run not yet reaped)."""
+    eval_s: float = 0.0
+    """The frozen evaluation: from the training process's exit to val-bpb (a process of its own: start, imports,
+    the handed-in model loaded, eq. (1)). What remains of total_s beyond setup, startup, training and this is the
+    trainer's time outside the charged budget (handing its model in)."""
 
 
 class RunContext(msgspec.Struct, frozen=True, kw_only=True):

@@ -193,6 +193,7 @@ def _train_and_judge(run: _Run, launcher: _Launcher, guard: _Guard, progress: tu
         reason = ("train.py ended without calling env.submit(model)" if trainer.returncode == NOT_SUBMITTED_EXIT
                   else _exit_reason("training process", "train.py", trainer.returncode, log_path, launcher.limits))
         return run.result("crashed", error=reason, error_tail=_tail(log_path))
+    run.evaluating = time.monotonic()
     evaluation = _evaluate(launcher, guard, eval_allowance)
     return run.result(evaluation.status, val_bpb=evaluation.val_bpb, eval_tokens=evaluation.eval_tokens,
                       error=evaluation.error, error_tail=_failure_tail(evaluation.status, log_path))
@@ -224,6 +225,7 @@ class _Run:
     base: dict
     spawned: float = 0.0
     first_step: float | None = None
+    evaluating: float | None = None
     last: Progress = field(default_factory=lambda: Progress(phase="started"))
     bad_lines: int = 0
 
@@ -237,6 +239,8 @@ class _Run:
             training_s=self.last.elapsed_train_s,
             startup_s=round(startup, 3),
             total_s=round(now - self.started, 3),
+            setup_s=round((self.spawned or now) - self.started, 3),
+            eval_s=round(now - self.evaluating, 3) if self.evaluating else 0.0,
             steps=self.last.step,
             tokens=self.last.tokens,
             peak_mem_mb=self.last.peak_mem_mb,
