@@ -8,12 +8,13 @@ run.progress events (a 60 s run reporting every 2 s) and one run.finished.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from services.ledger.main import LedgerService
@@ -68,29 +69,44 @@ def append_rate(count: int = 100_000) -> dict[str, float]:
             "append_events_per_s_last_10pct": round(statistics.median(rates[-len(rates) // 10:]))}
 
 
-async def _nats_ingest(count: int) -> float:
+@contextlib.asynccontextmanager
+async def _ledger_on_nats() -> AsyncIterator[tuple[Bus, LedgerService]]:
+    """A fresh nats-server with the stream, and a ledger service (in this process) on a fresh file, not ingesting."""
     with tempfile.TemporaryDirectory() as folder:
         server = EmbeddedServer(Path(folder) / "nats").start()
         try:
             bus = await Bus.connect([server.url], "bench")
             await bus.ensure_stream()
-            for name, data in synthetic_events(count):
-                await bus.js.publish(name, data)
             ledger = Ledger(Path(folder) / "bench.duckdb")
-            service = LedgerService(ledger, bus, BATCH)
-            stop = asyncio.Event()
-            began = time.perf_counter()
-            ingest = asyncio.create_task(service.ingest(stop))
-            while service.cursor < count:
-                await asyncio.sleep(0.01)
-            seconds = time.perf_counter() - began
-            stop.set()
-            await ingest
-            await bus.close()
-            ledger.close()
+            try:
+                yield bus, LedgerService(ledger, bus, BATCH)
+            finally:
+                await bus.close()
+                ledger.close()
         finally:
             server.stop()
-    return seconds
+
+
+@contextlib.asynccontextmanager
+async def _ingesting(service: LedgerService) -> AsyncIterator[None]:
+    stop = asyncio.Event()
+    ingest = asyncio.create_task(service.ingest(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await ingest
+
+
+async def _nats_ingest(count: int) -> float:
+    async with _ledger_on_nats() as (bus, service):
+        for name, data in synthetic_events(count):
+            await bus.js.publish(name, data)
+        began = time.perf_counter()
+        async with _ingesting(service):
+            while service.cursor < count:
+                await asyncio.sleep(0.01)
+            return time.perf_counter() - began
 
 
 def nats_ingest_rate(count: int = 50_000) -> dict[str, float]:
@@ -101,37 +117,23 @@ def nats_ingest_rate(count: int = 50_000) -> dict[str, float]:
 async def _commit_latency(count: int, rate: float) -> list[float]:
     """Each event's seconds from its publish to the ledger's commit of it, events published at `rate` a second
     (the ledger service in this process, as the NATS ingest above: its commit is observed, not polled)."""
-    with tempfile.TemporaryDirectory() as folder:
-        server = EmbeddedServer(Path(folder) / "nats").start()
-        try:
-            bus = await Bus.connect([server.url], "bench")
-            await bus.ensure_stream()
-            ledger = Ledger(Path(folder) / "bench.duckdb")
-            service = LedgerService(ledger, bus, BATCH)
-            stop = asyncio.Event()
-            ingest = asyncio.create_task(service.ingest(stop))
-            published: dict[int, float] = {}
-            committed: dict[int, float] = {}
+    published: dict[int, float] = {}
+    committed: dict[int, float] = {}
+    async with _ledger_on_nats() as (bus, service), _ingesting(service):
 
-            async def watch() -> None:
-                async with service.committed:
-                    while len(committed) < count:
-                        await service.committed.wait()
-                        at = time.perf_counter()
-                        committed.update((seq, at) for seq in range(len(committed) + 1, service.cursor + 1))
+        async def watch() -> None:
+            async with service.committed:
+                while len(committed) < count:
+                    await service.committed.wait()
+                    at = time.perf_counter()
+                    committed.update((seq, at) for seq in range(len(committed) + 1, service.cursor + 1))
 
-            watcher = asyncio.create_task(watch())
-            for name, data in synthetic_events(count):
-                began = time.perf_counter()
-                published[(await bus.js.publish(name, data)).seq] = began
-                await asyncio.sleep(1 / rate)
-            await asyncio.wait_for(watcher, 60)
-            stop.set()
-            await ingest
-            await bus.close()
-            ledger.close()
-        finally:
-            server.stop()
+        watcher = asyncio.create_task(watch())
+        for name, data in synthetic_events(count):
+            began = time.perf_counter()
+            published[(await bus.js.publish(name, data)).seq] = began
+            await asyncio.sleep(1 / rate)
+        await asyncio.wait_for(watcher, 60)
     return [committed[seq] - at for seq, at in published.items()]
 
 
